@@ -1,0 +1,13 @@
+"""Typed application state keys, shared by the modules that register handlers."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from chatd.config import Settings
+from chatd.fanout import Fanout
+from chatd.node import Node
+
+SETTINGS = web.AppKey("settings", Settings)
+NODE = web.AppKey("node", Node)
+FANOUT = web.AppKey("fanout", Fanout)

@@ -1,0 +1,103 @@
+"""Command line: parse flags, load settings, run the server, return an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from aiohttp import web
+
+from chatd import config, logs
+from chatd.app import create_app
+from chatd.embedded import EmbeddedError
+
+log = logging.getLogger("chatd")
+
+EXIT_CONFIG = 2
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="chatd", description="Self-hosted real-time chat server.")
+    p.add_argument("--config", type=Path, help="config file (default: ./config.toml if present)")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port to listen on (default 8080)")
+    p.add_argument("--node-id", help="this node's id (default: generated, kept in the data dir)")
+    p.add_argument("--redis-url", help="'embedded' (default) or redis://, rediss://, unix:// URL")
+    p.add_argument("--redis-cluster", help="HOST:PORT,... of a Redis/Valkey Cluster")
+    p.add_argument("--data-dir", help="data directory (default ./data)")
+    return p.parse_args(argv)
+
+
+def settings_from(args: argparse.Namespace) -> config.Settings:
+    path = args.config
+    if path is None and Path("config.toml").is_file():
+        path = Path("config.toml")
+    cluster = None
+    if args.redis_cluster is not None:
+        cluster = [n.strip() for n in args.redis_cluster.split(",") if n.strip()]
+    return config.load(path, os.environ, {
+        "server.host": args.host,
+        "server.port": args.port,
+        "server.node_id": args.node_id,
+        "server.data_dir": args.data_dir,
+        "redis.url": args.redis_url,
+        "redis.cluster_nodes": cluster,
+    })
+
+
+async def serve(settings: config.Settings) -> None:
+    runner = web.AppRunner(create_app(settings), handle_signals=False,
+                           shutdown_timeout=settings.server.shutdown_timeout_s)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await runner.setup()
+        site = web.TCPSite(runner, settings.server.host, settings.server.port)
+        try:
+            await site.start()
+        except OSError as e:
+            raise config.ConfigError(
+                f"cannot listen on {settings.server.host}:{settings.server.port}: "
+                f"{e.strerror}") from None
+        host = settings.server.host
+        shown = f"[{host}]" if ":" in host else host
+        log.info("chatd ready", extra={"url": f"http://{shown}:{settings.server.port}/"})
+        print(f"chatd ready: web client on http://{shown}:{settings.server.port}/",
+              file=sys.stderr, flush=True)
+        await stop.wait()
+        log.info("draining")
+    finally:
+        await runner.cleanup()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        settings = settings_from(args)
+    except config.ConfigError as e:
+        print(f"chatd: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    logs.setup(settings.server.log_level, settings.server.log_format)
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is optional on platforms without it
+        runner = asyncio.run
+    else:
+        runner = uvloop.run
+    try:
+        runner(serve(settings))
+    except (config.ConfigError, EmbeddedError) as e:
+        print(f"chatd: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:  # a second Ctrl-C during the drain
+        return 130
+    log.info("stopped")
+    return 0

@@ -1,0 +1,100 @@
+"""HTTP plumbing shared by the API modules: errors as JSON, strict bodies, headers."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from chatd.appkeys import NODE
+from chatd.errors import ChatError
+
+log = logging.getLogger("chatd.http")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cross-Origin-Opener-Policy": "same-origin",
+}
+
+
+def error_response(err: ChatError) -> web.Response:
+    headers = {}
+    if err.retry_after_ms is not None:
+        headers["Retry-After"] = str(max(1, -(-err.retry_after_ms // 1000)))
+    return web.json_response(err.body(), status=err.status, headers=headers)
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure leaves as the documented JSON error; nothing leaks a traceback."""
+    try:
+        response = await handler(request)
+    except ChatError as e:
+        response = error_response(e)
+    except web.HTTPRequestEntityTooLarge:
+        response = error_response(ChatError("too_large", "request body is too large"))
+    except web.HTTPNotFound:
+        response = error_response(ChatError("not_found", "no such endpoint"))
+    except web.HTTPMethodNotAllowed:
+        response = error_response(ChatError("bad_request", "method not allowed"))
+        response.set_status(405)
+    except web.HTTPException:
+        raise
+    except Exception:
+        log.exception("unhandled error in request", extra={"path": request.path})
+        response = error_response(ChatError("internal", "internal error"))
+    if isinstance(response, web.Response) and response.status >= 400:
+        try:
+            code = json.loads(response.text or "{}").get("error", {}).get("code", "")
+        except (ValueError, AttributeError):
+            code = ""
+        if code:
+            request.app[NODE].metrics.errors.labels(code).inc()
+    return response
+
+
+async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
+    for name, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
+
+
+async def read_json(request: web.Request) -> dict[str, Any]:
+    """The request body as a JSON object, or a 400/413 that says what is wrong."""
+    max_size = request.app[NODE].settings.server.max_http_body_bytes
+    if request.content_length is not None and request.content_length > max_size:
+        raise ChatError("too_large", f"request body is larger than {max_size} bytes")
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise ChatError("too_large", f"request body is larger than {max_size} bytes") from None
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise ChatError("bad_request", "body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise ChatError("bad_request", "body must be a JSON object")
+    return body
+
+
+def field(body: dict[str, Any], name: str, kind: type, *, required: bool = True) -> Any:
+    """One typed field of a JSON body; a wrong type or a missing field is a 400."""
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise ChatError("bad_request", f"missing field '{name}'")
+        return None
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ChatError("bad_request", f"field '{name}' must be {_kind_name(kind)}")
+    return value
+
+
+def _kind_name(kind: type) -> str:
+    return {str: "a string", int: "an integer", bool: "a boolean", list: "a list",
+            dict: "an object"}.get(kind, kind.__name__)

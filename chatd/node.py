@@ -1,0 +1,85 @@
+"""The state one chatd node shares between its handlers: settings, Redis, scripts, loops."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from chatd import keys
+from chatd.config import ConfigError, Settings
+from chatd.loops import Loop
+from chatd.metrics import Metrics
+from chatd.redisconn import RedisConn
+from chatd.scripts import Scripts
+
+
+@dataclass
+class Node:
+    settings: Settings
+    node_id: str
+    redis: RedisConn
+    scripts: Scripts
+    metrics: Metrics
+    secret: str = ""
+    loops: list[Loop] = field(default_factory=list)
+    redis_ok: bool = True
+    draining: bool = False
+
+    @property
+    def partitions(self) -> int:
+        return self.settings.redis.partitions
+
+    def ready(self) -> bool:
+        return (not self.draining and self.redis_ok
+                and all(loop.running and loop.healthy for loop in self.loops))
+
+    def add_loop(self, loop: Loop) -> None:
+        self.loops.append(loop)
+        loop.start()
+
+    async def stop_loops(self) -> None:
+        for loop in reversed(self.loops):
+            await loop.stop()
+        self.loops.clear()
+
+
+def node_id_for(settings: Settings) -> str:
+    """The configured id, else one generated once and kept in the data dir."""
+    if settings.server.node_id:
+        return settings.server.node_id
+    path = settings.data_path / "node_id"
+    try:
+        existing = path.read_text().strip()
+    except FileNotFoundError:
+        existing = ""
+    if existing:
+        return existing
+    node_id = f"n-{secrets.token_hex(6)}"
+    _write_private(path, node_id)
+    return node_id
+
+
+def _write_private(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + "\n")
+    path.chmod(0o600)
+
+
+async def check_meta(node: Node) -> None:
+    """Agree with every other node on the partition count and the signing secret.
+
+    The first node to start records both; a later node with another partition
+    count would route rooms to the wrong keys, so it refuses to start.
+    """
+    cmd = node.redis.cmd
+    await cmd.hsetnx(keys.META, "partitions", node.partitions)
+    recorded = int(await cmd.hget(keys.META, "partitions"))
+    if recorded != node.partitions:
+        raise ConfigError(f"redis.partitions is {node.partitions} but this Redis was set up "
+                          f"with {recorded}; use the same value on every node")
+    if node.settings.auth.secret:
+        node.secret = node.settings.auth.secret
+        return
+    await cmd.hsetnx(keys.META, "secret", secrets.token_urlsafe(48))
+    node.secret = str(await cmd.hget(keys.META, "secret"))

@@ -1,0 +1,21 @@
+--[[ _lib: helpers prepended by chatd/scripts.py to every script (files named _*.lua
+are libraries, never run on their own). Keep them pure functions of their arguments.
+]]
+
+-- Server time in milliseconds: every node agrees on it, whatever their clocks say.
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- Append one event to the partition inbox of every node interested in a room.
+-- nodes_key and inbox_prefix carry the room's partition tag, so this stays in
+-- the script's slot. Inboxes are trimmed approximately: a node that falls more
+-- than maxlen entries behind gets a gap, which it fills from the room log.
+local function fanout(nodes_key, inbox_prefix, maxlen, fields)
+  local nodes = redis.call('SMEMBERS', nodes_key)
+  for i = 1, #nodes do
+    redis.call('XADD', inbox_prefix .. nodes[i], 'MAXLEN', '~', maxlen, '*', unpack(fields))
+  end
+  return #nodes
+end
