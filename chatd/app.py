@@ -1,0 +1,127 @@
+"""The application factory: routes, the node's resources as cleanup contexts."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from chatd import api_accounts, api_messages, api_rooms, http, keys, ops, redisconn, ws
+from chatd.appkeys import FANOUT, NODE, SETTINGS
+from chatd.broker import Broker
+from chatd.config import Settings, redact_url
+from chatd.embedded import EmbeddedValkey
+from chatd.errors import ChatError
+from chatd.fanout import Fanout
+from chatd.janitor import Janitor, cleanup_node
+from chatd.loops import Loop
+from chatd.metrics import Metrics
+from chatd.node import Node, check_meta, node_id_for
+from chatd.protocol import CLOSE_GOING_AWAY, CLOSE_RESUME_REQUIRED
+from chatd.scripts import Scripts
+
+log = logging.getLogger("chatd.app")
+
+_PROBE_INTERVAL_S = 1.0
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(client_max_size=settings.server.max_http_body_bytes,
+                          middlewares=[http.errors_middleware])
+    app[SETTINGS] = settings
+    app.cleanup_ctx.append(_node_ctx)
+    app.on_response_prepare.append(http.on_prepare)
+    app.on_shutdown.append(_close_websockets)
+    ops.add_routes(app)
+    api_accounts.add_routes(app)
+    api_rooms.add_routes(app)
+    api_messages.add_routes(app)
+    ws.add_routes(app)
+    return app
+
+
+async def _node_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    embedded: EmbeddedValkey | None = None
+    url = settings.redis.url
+    if url == "embedded" and not settings.redis.cluster_nodes:
+        embedded = EmbeddedValkey(settings.data_path, binary=settings.embedded.binary or None,
+                                  appendfsync=settings.embedded.appendfsync)
+        url = await embedded.start()
+    try:
+        redis = await redisconn.connect(settings, url)
+        metrics = Metrics()
+        scripts = Scripts(redis.cmd, metrics)
+        node = Node(settings=settings, node_id=node_id_for(settings), redis=redis,
+                    scripts=scripts, metrics=metrics)
+        try:
+            await scripts.load_all()
+            await check_meta(node)
+            fanout = Fanout(node)
+            app[NODE] = node
+            app[FANOUT] = fanout
+            # What a previous life under this node id left (interest, inboxes, presence).
+            await cleanup_node(node, node.node_id)
+            broker = Broker(node, fanout, on_fenced=_fenced(node, fanout))
+            await broker.join()
+            node.add_loop(Loop("redis-probe", _probe(node), metrics,
+                               interval_s=_PROBE_INTERVAL_S))
+            for loop in broker.loops():
+                node.add_loop(loop)
+            node.add_loop(Loop("janitor", Janitor(node).step, metrics,
+                               interval_s=settings.fanout.janitor_interval_s))
+            log.info("node started", extra={
+                "node_id": node.node_id,
+                "redis": ",".join(settings.redis.cluster_nodes) or redact_url(url)})
+            yield
+            node.draining = True
+            await node.stop_loops()
+            await fanout.stop()
+            await _leave(node)
+        finally:
+            node.draining = True
+            await node.stop_loops()
+            await redis.close()
+    finally:
+        if embedded is not None:
+            await embedded.stop()
+
+
+async def _close_websockets(app: web.Application) -> None:
+    """Graceful drain: queued frames go out, then every socket closes with 1001."""
+    node = app[NODE]
+    node.draining = True
+    conns = app[FANOUT].all_conns()
+    for conn in conns:
+        conn.close(CLOSE_GOING_AWAY, flush=True)
+    await asyncio.gather(*(c.closed(timeout_s=2.0) for c in conns))
+
+
+async def _leave(node: Node) -> None:
+    """Say goodbye so others need not wait for the janitor; best effort."""
+    try:
+        await asyncio.wait_for(cleanup_node(node, node.node_id), timeout=5)
+        await node.redis.cmd.zrem(keys.NODES, node.node_id)
+    except (RedisError, OSError, ChatError, TimeoutError) as e:
+        log.warning("could not deregister; the janitor will", extra={"error": repr(e)})
+
+
+def _fenced(node: Node, fanout: Fanout) -> Callable[[], Awaitable[None]]:
+    async def fenced() -> None:
+        # Our interest is gone: clients must resume elsewhere or here, from the log.
+        for conn in fanout.all_conns():
+            conn.close(CLOSE_RESUME_REQUIRED)
+        fanout.forget_interest()
+        await cleanup_node(node, node.node_id)
+
+    return fenced
+
+
+def _probe(node: Node) -> Callable[[], Awaitable[None]]:
+    async def probe() -> None:
+        await node.redis.cmd.ping()
+
+    return probe

@@ -1,0 +1,124 @@
+"""Inbox consumption and node liveness.
+
+Every node reads one inbox stream per partition plus its control inbox, in a
+consumer group of its own, and XACKs (then XDELs) entries only after handing
+them to local sockets. After a Redis connection drop the consumer re-reads
+its pending entries first (id "0"), so a burst or a drop loses nothing.
+
+On a standalone server one blocking XREADGROUP covers every stream; on a
+cluster the streams live in different slots, so each gets its own reader.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from redis.exceptions import ResponseError
+
+from chatd import keys
+from chatd.fanout import Fanout
+from chatd.loops import Loop
+from chatd.node import Node
+
+log = logging.getLogger("chatd.broker")
+
+GROUP = "chatd"
+
+
+class Broker:
+    def __init__(self, node: Node, fanout: Fanout,
+                 on_fenced: Callable[[], Awaitable[None]]) -> None:
+        self.node = node
+        self.fanout = fanout
+        self._on_fenced = on_fenced
+        self._control = keys.control(node.node_id)
+        self._streams = [keys.inbox(p, node.node_id) for p in range(node.partitions)]
+        self._streams.append(self._control)
+
+    async def create_groups(self) -> None:
+        for stream in self._streams:
+            try:
+                await self.node.redis.cmd.xgroup_create(stream, GROUP, id="0", mkstream=True)
+            except ResponseError as e:
+                if "BUSYGROUP" not in str(e):
+                    raise
+
+    async def join(self) -> None:
+        await self.create_groups()
+        await self._beat("join")
+
+    def loops(self) -> list[Loop]:
+        metrics = self.node.metrics
+        groups = [[s] for s in self._streams] if self.node.redis.is_cluster else [self._streams]
+        out = [Loop(f"consumer-{i}", self._consumer(g), metrics) for i, g in enumerate(groups)]
+        out.append(Loop("heartbeat", self._heartbeat, metrics,
+                        interval_s=self.node.settings.fanout.heartbeat_interval_s))
+        return out
+
+    # --- consuming ------------------------------------------------------------
+
+    def _consumer(self, streams: list[str]) -> Callable[[], Awaitable[None]]:
+        cursors = dict.fromkeys(streams, "0")
+
+        async def step() -> None:
+            try:
+                batch = await self.read_batch(cursors)
+            except ResponseError:
+                # NOGROUP: the janitor removed our inboxes; the heartbeat handles the rest.
+                await self.create_groups()
+                cursors.update(dict.fromkeys(cursors, "0"))
+                raise
+            except BaseException:
+                cursors.update(dict.fromkeys(cursors, "0"))  # re-read what is pending
+                raise
+            await self.handle_batch(batch, cursors)
+
+        return step
+
+    async def read_batch(self, cursors: dict[str, str]) -> list[tuple[str, list[
+            tuple[bytes, dict[bytes, bytes] | None]]]]:
+        fanout = self.node.settings.fanout
+        reply = await self.node.redis.reader.xreadgroup(
+            GROUP, self.node.node_id, cursors, count=fanout.read_count, block=fanout.block_ms)
+        if isinstance(reply, dict):  # RESP3 shape
+            return [(k.decode(), v[0] if v and isinstance(v[0], list) else v)
+                    for k, v in reply.items()]
+        return [(stream.decode(), entries) for stream, entries in reply or ()]
+
+    async def handle_batch(self, batch: list[tuple[str, list[
+            tuple[bytes, dict[bytes, bytes] | None]]]], cursors: dict[str, str]) -> None:
+        for stream, entries in batch:
+            if not entries:
+                if cursors.get(stream) == "0":
+                    cursors[stream] = ">"  # pending ones done: go live
+                continue
+            control = stream == self._control
+            for _entry_id, fields in entries:
+                if fields:  # a pending entry trimmed away arrives without fields
+                    try:
+                        self.fanout.handle(fields, control=control)
+                    except (KeyError, ValueError) as e:
+                        log.warning("malformed inbox entry", extra={"error": repr(e)})
+            self.node.metrics.inbox_entries.inc(len(entries))
+            ids = [entry_id for entry_id, _ in entries]
+            async with self.node.redis.cmd.pipeline(transaction=False) as pipe:
+                pipe.xack(stream, GROUP, *ids)
+                pipe.xdel(stream, *ids)
+                await pipe.execute()
+
+    # --- liveness -------------------------------------------------------------
+
+    async def _heartbeat(self) -> None:
+        if await self._beat("beat"):
+            return
+        log.warning("this node was presumed dead; rejoining", extra={
+            "node_id": self.node.node_id})
+        await self._on_fenced()
+        await self.create_groups()
+        await self._beat("join")
+
+    async def _beat(self, mode: str) -> bool:
+        ok, _ = await self.node.scripts.run("node_heartbeat", [keys.NODES],
+                                            [self.node.node_id, mode])
+        return bool(ok)

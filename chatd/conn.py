@@ -1,0 +1,151 @@
+"""One WebSocket connection's outgoing side: per-room seq cursors and a bounded queue.
+
+The handler task is the only reader of the socket; one writer task per
+connection drains the queue. Fanout only appends already-encoded frames, so
+delivering a message to N local sockets is N appends, not N awaits. A full
+queue is the slow-consumer signal: the connection is closed with 4009
+(resume required) rather than skipping messages or growing without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+
+from aiohttp import WSMsgType, web
+
+from chatd.protocol import CLOSE_RESUME_REQUIRED
+
+log = logging.getLogger("chatd.conn")
+
+
+class Cursor:
+    """Where a connection stands in one room: the next seq it must receive.
+
+    While `filling`, frames wait in `backlog` until the gap before them has
+    been read from the room's log, so nothing goes out of order.
+    """
+
+    __slots__ = ("backlog", "filling", "next")
+
+    def __init__(self) -> None:
+        self.next = 0
+        self.filling = True  # a new cursor waits until its start position is known
+        self.backlog: list[tuple[int, bytes]] = []
+
+
+class Conn:
+    __slots__ = ("_task", "_wake", "close_code", "cursors", "max_queue", "on_close", "queue",
+                 "session_id", "user_id", "ws")
+
+    def __init__(self, ws: web.WebSocketResponse, user_id: str, session_id: str,
+                 max_queue: int) -> None:
+        self.ws = ws
+        self.user_id = user_id
+        self.session_id = session_id
+        self.max_queue = max_queue
+        self.cursors: dict[str, Cursor] = {}
+        self.queue: deque[bytes] = deque()
+        self.close_code: int | None = None
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def closing(self) -> bool:
+        return self.close_code is not None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._writer())
+
+    def push(self, frame: bytes) -> None:
+        if self.close_code is not None:
+            return  # closing: a resuming client gets it from the log
+        if len(self.queue) >= self.max_queue:
+            self.close(CLOSE_RESUME_REQUIRED)
+            return
+        self.queue.append(frame)
+        self._wake.set()
+
+    def offer(self, room_id: str, seq: int, frame: bytes) -> bool:
+        """Queue a room message in seq order. True means a gap opened: start a fill."""
+        cur = self.cursors.get(room_id)
+        if cur is None:
+            return False
+        if cur.filling:
+            self._hold(cur, seq, frame)
+            return False
+        if seq < cur.next:
+            return False
+        if seq == cur.next:
+            cur.next += 1
+            self.push(frame)
+            return False
+        cur.filling = True
+        self._hold(cur, seq, frame)
+        return True
+
+    def accept(self, cur: Cursor, seq: int, frame: bytes) -> None:
+        """A frame read from the log while filling: in order by construction."""
+        if seq < cur.next:
+            return
+        cur.next = seq + 1  # a higher seq means retention trimmed the ones before it
+        self.push(frame)
+
+    def drain_backlog(self, cur: Cursor) -> int | None:
+        """Send what the backlog holds in order; returns the seq still missing, if any."""
+        cur.backlog.sort(key=lambda item: item[0])
+        for i, (seq, frame) in enumerate(cur.backlog):
+            if seq < cur.next:
+                continue
+            if seq > cur.next:
+                cur.backlog = cur.backlog[i:]
+                return cur.next
+            cur.next += 1
+            self.push(frame)
+        cur.backlog = []
+        cur.filling = False
+        return None
+
+    def _hold(self, cur: Cursor, seq: int, frame: bytes) -> None:
+        if len(cur.backlog) >= self.max_queue:
+            self.close(CLOSE_RESUME_REQUIRED)
+            return
+        cur.backlog.append((seq, frame))
+
+    def close(self, code: int, *, flush: bool = False) -> None:
+        """Close from any task. With `flush` what is queued goes out first (a drain);
+        without, it is dropped (a slow consumer must resume from the log anyway)."""
+        if self.close_code is None:
+            self.close_code = code
+            if not flush:
+                self.queue.clear()
+            self._wake.set()
+
+    async def closed(self, timeout_s: float) -> None:
+        """Wait for the writer to finish a requested close."""
+        if self._task is not None:
+            await asyncio.wait([self._task], timeout=timeout_s)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self.close_code is not None and not self.ws.closed:
+            await self.ws.close(code=self.close_code)
+
+    async def _writer(self) -> None:
+        ws = self.ws
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                while self.queue:
+                    await ws.send_frame(self.queue.popleft(), WSMsgType.TEXT)
+            except (ConnectionError, RuntimeError):
+                return  # the peer is gone; the reader notices and cleans up
+            if self.close_code is not None:
+                await ws.close(code=self.close_code)
+                return

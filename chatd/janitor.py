@@ -1,0 +1,69 @@
+"""Clean up after dead nodes, under a Redis lock so one node does it at a time.
+
+A node is dead when its heartbeat is older than `fanout.node_ttl_s`. Its
+interest in rooms, its inboxes, its control inbox and its share of every
+user's presence are removed, and users left with no connection anywhere are
+announced offline. A node also runs `cleanup_node` on itself at start, for
+what a previous life under the same node id left behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+
+from chatd import keys, presence, rooms
+from chatd.node import Node
+
+log = logging.getLogger("chatd.janitor")
+
+_REPAIR_AFTER_MS = 5000
+
+
+async def cleanup_node(node: Node, node_id: str) -> None:
+    cmd = node.redis.cmd
+    for p in range(node.partitions):
+        node_rooms = keys.node_rooms(p, node_id)
+        for room_id in await cmd.smembers(node_rooms):
+            await node.scripts.run("interest", [keys.room_nodes(p, room_id), node_rooms],
+                                   [node_id, room_id, "remove"])
+        await cmd.delete(keys.inbox(p, node_id), node_rooms)
+    await cmd.delete(keys.control(node_id))
+    await presence.drop_node_users(node, node_id)
+
+
+class Janitor:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self._token = secrets.token_hex(8)
+
+    async def step(self) -> None:
+        node = self.node
+        ttl_ms = int(node.settings.fanout.janitor_interval_s * 3000)
+        if not await node.redis.cmd.set(keys.JANITOR_LOCK, self._token, nx=True, px=ttl_ms):
+            return
+        try:
+            await self._sweep()
+        finally:
+            await node.scripts.run("release_lock", [keys.JANITOR_LOCK], [self._token])
+
+    async def _sweep(self) -> None:
+        node = self.node
+        sec, usec = await node.redis.cmd.time()
+        now_ms = sec * 1000 + usec // 1000
+        cutoff = now_ms - int(node.settings.fanout.node_ttl_s * 1000)
+        for dead in await node.redis.cmd.zrangebyscore(keys.NODES, "-inf", cutoff):
+            if dead == node.node_id:
+                continue  # our own heartbeat lags: the heartbeat loop fences us instead
+            if not await self._still_ours():
+                return
+            log.info("cleaning up dead node", extra={"dead_node_id": dead})
+            await cleanup_node(node, dead)
+            await node.redis.cmd.zrem(keys.NODES, dead)
+        await rooms.repair_index(node, older_than_ms=_REPAIR_AFTER_MS)
+
+    async def _still_ours(self) -> bool:
+        """Fencing: stop as soon as the lock expired and may belong to another node."""
+        ttl_ms = int(self.node.settings.fanout.janitor_interval_s * 3000)
+        return bool(await self.node.scripts.run("extend_lock", [keys.JANITOR_LOCK],
+                                                [self._token, ttl_ms]))

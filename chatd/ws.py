@@ -1,0 +1,248 @@
+"""The WebSocket endpoint `/ws`: origin check, `hello`, welcome and resume, the read loop.
+
+The handler task is the only reader of its socket. Frames are processed one
+at a time, so a client's sends are stored in the order it sent them; replies
+and room traffic go out through the connection's queue (`conn.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+
+from aiohttp import WSMsgType, web
+from redis.exceptions import RedisError
+
+from chatd import auth, keys, messages, presence, protocol, rooms
+from chatd.appkeys import FANOUT, NODE
+from chatd.auth import Principal
+from chatd.conn import Conn
+from chatd.errors import ChatError, TooManyConnections
+from chatd.fanout import Fanout
+from chatd.node import Node
+from chatd.protocol import (
+    CLOSE_HELLO_TIMEOUT,
+    CLOSE_INTERNAL,
+    CLOSE_POLICY,
+    CLOSE_TOO_MANY,
+    CLOSE_UNAUTHORIZED,
+    FrameError,
+)
+
+log = logging.getLogger("chatd.ws")
+
+
+def origin_allowed(request: web.Request, allowed: tuple[str, ...]) -> bool:
+    """No Origin (a non-browser client) is fine; a browser must come from an allowed one."""
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return True
+    own = f"{request.scheme}://{request.host}"
+    return origin == own or origin in allowed
+
+
+async def handler(request: web.Request) -> web.StreamResponse:
+    node = request.app[NODE]
+    limits = node.settings.limits
+    if not origin_allowed(request, node.settings.server.allowed_origins):
+        raise ChatError("forbidden", "origin not allowed")
+    ws = web.WebSocketResponse(heartbeat=limits.heartbeat_s, max_msg_size=limits.max_frame_bytes,
+                               decode_text=False)
+    await ws.prepare(request)
+    node.metrics.connections.inc()
+    try:
+        await _session(request, ws, node)
+    finally:
+        node.metrics.connections.dec()
+        node.metrics.closes.labels(str(ws.close_code)).inc()
+    return ws
+
+
+async def _session(request: web.Request, ws: web.WebSocketResponse, node: Node) -> None:
+    hello = await _read_hello(ws, node)
+    if hello is None:
+        return
+    token = hello.token or auth.bearer_token(request)
+    try:
+        principal = await auth.verify_token(node, token or "")
+    except ChatError as e:
+        await ws.send_bytes(protocol.error_frame(e, hello.id))
+        await ws.close(code=CLOSE_UNAUTHORIZED)
+        return
+    fanout = request.app[FANOUT]
+    conn = Conn(ws, principal.user_id, principal.session_id, node.settings.limits.send_queue_max)
+    first = fanout.add_conn(conn)
+    try:
+        try:
+            await presence.opened(node, conn.user_id, first)
+        except TooManyConnections:
+            fanout.remove_conn(conn)
+            await ws.close(code=CLOSE_TOO_MANY, message=b"too many connections")
+            return
+        try:
+            await _welcome(node, fanout, conn, principal, hello)
+            await _read_loop(ws, node, conn)
+        finally:
+            last = fanout.remove_conn(conn)
+            await conn.stop()
+            await presence.closed(node, conn.user_id, last)
+    except (ChatError, RedisError, OSError) as e:
+        log.warning("connection ended by a storage error", extra={"error": repr(e)})
+        if not ws.closed:
+            await ws.close(code=CLOSE_INTERNAL)
+
+
+async def _read_hello(ws: web.WebSocketResponse, node: Node) -> protocol.Hello | None:
+    try:
+        msg = await ws.receive(timeout=node.settings.limits.auth_timeout_s)
+    except TimeoutError:
+        await ws.close(code=CLOSE_HELLO_TIMEOUT, message=b"hello timeout")
+        return None
+    if msg.type == WSMsgType.TEXT:
+        try:
+            frame = protocol.decode(msg.data, node.settings.limits.max_body_chars)
+        except FrameError:
+            frame = None
+        if isinstance(frame, protocol.Hello):
+            return frame
+    if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+        await ws.close(code=CLOSE_UNAUTHORIZED, message=b"hello first")
+    return None  # otherwise closed already (by the client, or by aiohttp with 1009)
+
+
+async def _welcome(node: Node, fanout: Fanout, conn: Conn, principal: Principal,
+                   hello: protocol.Hello) -> None:
+    """Join every room, then read positions, then go live: nothing can fall in between."""
+    room_ids = await rooms.user_room_ids(node, conn.user_id)
+    await fanout.join(conn, room_ids)
+    async with node.redis.cmd.pipeline(transaction=False) as pipe:
+        for room_id in room_ids:
+            p = keys.partition_of(room_id, node.partitions)
+            pipe.hget(keys.room(p, room_id), "seq")
+            pipe.hmget(keys.room_marks(p, room_id), f"d:{conn.user_id}", f"r:{conn.user_id}")
+        replies = await pipe.execute()
+    welcome_rooms = []
+    last_seqs = {}
+    for i, room_id in enumerate(room_ids):
+        last = int(replies[2 * i] or 0)
+        delivered, read = (int(v or 0) for v in replies[2 * i + 1])
+        last_seqs[room_id] = last
+        welcome_rooms.append({"room_id": room_id, "last_seq": last, "read_seq": read,
+                              "delivered_seq": delivered})
+    conn.start()
+    conn.push(protocol.encode({
+        "type": "welcome", "user_id": principal.user_id, "session_id": principal.session_id,
+        "node_id": node.node_id, "heartbeat_s": node.settings.limits.heartbeat_s,
+        "rooms": welcome_rooms}))
+    resume = hello.resume or {}
+    for room_id, last in last_seqs.items():
+        start = resume[room_id] + 1 if room_id in resume else last + 1
+        fanout.go_live(conn, room_id, start, last)
+
+
+class _Budget:
+    """Per-connection limits kept in memory: the connection lives on this node only."""
+
+    def __init__(self, node: Node) -> None:
+        limits = node.settings.limits
+        self.rate = limits.frame_rate_per_s
+        self.burst = float(limits.frame_burst)
+        self.tokens = self.burst
+        self.stamp = time.monotonic()
+        self.invalid: deque[float] = deque()
+        self.invalid_max = limits.invalid_frames_max
+        self.invalid_window = limits.invalid_frames_window_s
+
+    def take(self) -> int:
+        """0 when the frame may proceed, else the milliseconds to wait."""
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return 0
+        return int((1 - self.tokens) * 1000 / self.rate) + 1
+
+    def strike(self) -> bool:
+        """Count an invalid frame; True when the connection has had too many."""
+        now = time.monotonic()
+        self.invalid.append(now)
+        while self.invalid and self.invalid[0] < now - self.invalid_window:
+            self.invalid.popleft()
+        return len(self.invalid) >= self.invalid_max
+
+
+async def _read_loop(ws: web.WebSocketResponse, node: Node, conn: Conn) -> None:
+    budget = _Budget(node)
+    max_body = node.settings.limits.max_body_chars
+    metrics = node.metrics
+    async for msg in ws:
+        if conn.closing:
+            break
+        metrics.frames_in.inc()
+        if msg.type == WSMsgType.TEXT:
+            try:
+                frame = protocol.decode(msg.data, max_body)
+            except FrameError as e:
+                conn.push(protocol.error_frame(e, e.request_id))
+                metrics.errors.labels(e.code).inc()
+                if e.code == "bad_request" and budget.strike():
+                    conn.close(CLOSE_POLICY)
+                continue
+        else:  # binary frames are not part of the protocol
+            conn.push(protocol.error_frame(FrameError("binary frames are not accepted", None),
+                                           None))
+            if budget.strike():
+                conn.close(CLOSE_POLICY)
+            continue
+        wait_ms = budget.take()
+        if wait_ms:
+            err = ChatError("rate_limited", "too many frames", retry_after_ms=wait_ms)
+            conn.push(protocol.error_frame(err, frame.id))
+            continue
+        try:
+            await _dispatch(node, conn, frame)
+        except (RedisError, OSError) as e:
+            log.warning("storage error", extra={"error": repr(e)})
+            _reply_error(conn, node, ChatError("unavailable", "storage is unavailable"), frame.id)
+        except ChatError as e:
+            _reply_error(conn, node, e, frame.id)
+
+
+def _reply_error(conn: Conn, node: Node, err: ChatError, request_id: str | None) -> None:
+    node.metrics.errors.labels(err.code).inc()
+    conn.push(protocol.error_frame(err, request_id))
+
+
+async def _dispatch(node: Node, conn: Conn, frame: protocol.ClientFrame) -> None:
+    uid = conn.user_id
+    if isinstance(frame, protocol.Send):
+        sent = await messages.send(node, uid, frame.room_id, frame.client_msg_id, frame.body)
+        reply = {"type": "ack", "id": frame.id, "room_id": frame.room_id,
+                 "client_msg_id": frame.client_msg_id, "seq": sent.seq, "ts": sent.ts,
+                 "duplicate": sent.duplicate}
+        if frame.id is None:
+            del reply["id"]
+        conn.push(protocol.encode(reply))
+    elif isinstance(frame, protocol.Delivered | protocol.Read):
+        kind = "read" if isinstance(frame, protocol.Read) else "delivered"
+        await messages.mark(node, uid, frame.room_id, kind, frame.seq)
+    elif isinstance(frame, protocol.Typing):
+        await messages.typing(node, uid, frame.room_id, frame.active)
+    elif isinstance(frame, protocol.History):
+        after = frame.after_seq
+        if after is None and frame.before_seq is None:
+            after = 0
+        page, more = await messages.history(node, uid, frame.room_id, after_seq=after,
+                                            before_seq=frame.before_seq, limit=frame.limit)
+        conn.push(messages.page_json(frame.room_id, page, more, frame.id))
+    elif isinstance(frame, protocol.Ping):
+        conn.push(protocol.encode({"type": "pong", "id": frame.id} if frame.id is not None
+                                  else {"type": "pong"}))
+    else:
+        raise ChatError("bad_request", "already said hello")
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/ws", handler)

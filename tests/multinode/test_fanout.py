@@ -1,0 +1,43 @@
+"""Fanout across nodes: a message sent on one node reaches every member connection,
+on every node, the sender's other connections included."""
+
+from __future__ import annotations
+
+import aiohttp
+
+from tests.client import FAST_ENV, Api, connect
+from tests.harness import ChatdNodes, ValkeyProcess
+
+
+async def test_group_message_reaches_every_connection_on_every_node(
+        chatd_nodes: ChatdNodes, valkey: ValkeyProcess) -> None:
+    a, b, c = await chatd_nodes.start(3, redis_url=valkey, env=FAST_ENV)
+    async with aiohttp.ClientSession() as http:
+        api = Api(http, a.url)
+        alice, bob, carol = [await api.register() for _ in range(3)]
+        room = await api.group(alice, [bob, carol])
+        direct = await api.direct(alice, bob)
+        sender = await connect(http, a.ws_url, alice)
+        sender_other = await connect(http, c.ws_url, alice)
+        on_b = await connect(http, b.ws_url, bob)
+        on_c = await connect(http, c.ws_url, carol)
+
+        ack = await sender.send_message(room, "hello group")
+        assert ack["type"] == "ack" and ack["seq"] == 1 and ack["duplicate"] is False
+        ack = await sender.send_message(direct, "hello bob")
+        assert ack["type"] == "ack" and ack["seq"] == 1
+
+        for ws in (sender, sender_other, on_b, on_c):
+            got = await ws.wait_messages(room, 1)
+            assert [(m["seq"], m["body"], m["sender_id"]) for m in got] == [
+                (1, "hello group", alice.user_id)]
+        for ws in (sender, sender_other, on_b):
+            got = await ws.wait_messages(direct, 1)
+            assert [m["body"] for m in got] == ["hello bob"]
+        assert on_c.messages(direct) == []  # carol is not in the direct room
+
+        # Presence crossed nodes too: bob saw carol (another node) come online.
+        presence = await on_b.wait_type("presence", user_id=carol.user_id)
+        assert presence["online"] is True
+        for ws in (sender, sender_other, on_b, on_c):
+            await ws.close()
