@@ -1,0 +1,19 @@
+"""Token buckets in Redis (lua/take_token.lua), shared by every node.
+
+A bucket lives in Redis rather than in the process so that a client spreading
+its requests over several nodes gets the same budget as on one node.
+"""
+
+from __future__ import annotations
+
+from chatd.errors import ChatError
+from chatd.node import Node
+
+
+async def take(node: Node, bucket_key: str, rate_per_s: float, burst: int) -> None:
+    """Take one token from the bucket, or raise `rate_limited` with the wait until one refills."""
+    taken, retry_after_ms = await node.scripts.run("take_token", [bucket_key],
+                                                   [rate_per_s, burst, 1])
+    if not int(taken):
+        raise ChatError("rate_limited", "too many requests, retry later",
+                        retry_after_ms=int(retry_after_ms))
