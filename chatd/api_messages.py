@@ -9,13 +9,13 @@ from chatd.appkeys import NODE
 from chatd.auth import authenticate
 from chatd.errors import ChatError
 from chatd.http import field, read_json
+from chatd.protocol import MAX_SEQ
 
 PREFIX = "/api/v1/rooms/{room_id}"
 
 
-def _int_param(request: web.Request, name: str, *, lo: int, hi: int,
-               default: int | None) -> int | None:
-    raw = request.query.get(name)
+def _int_param(raw: str | None, name: str, *, lo: int, hi: int,
+               default: int | None = None) -> int | None:
     if raw is None:
         return default
     try:
@@ -29,9 +29,10 @@ def _int_param(request: web.Request, name: str, *, lo: int, hi: int,
 
 async def list_messages(request: web.Request) -> web.Response:
     me = await authenticate(request)
-    after = _int_param(request, "after_seq", lo=0, hi=2**53, default=None)
-    before = _int_param(request, "before_seq", lo=0, hi=2**53, default=None)
-    limit = _int_param(request, "limit", lo=1, hi=200, default=50)
+    query = request.query
+    after = _int_param(query.get("after_seq"), "after_seq", lo=0, hi=MAX_SEQ)
+    before = _int_param(query.get("before_seq"), "before_seq", lo=0, hi=MAX_SEQ)
+    limit = _int_param(query.get("limit"), "limit", lo=1, hi=200, default=50)
     assert limit is not None
     page, more = await messages.history(request.app[NODE], me.user_id,
                                         request.match_info["room_id"], after_seq=after,
@@ -56,10 +57,8 @@ async def post_message(request: web.Request) -> web.Response:
 
 async def get_message(request: web.Request) -> web.Response:
     me = await authenticate(request)
-    try:
-        seq = int(request.match_info["seq"])
-    except ValueError:
-        raise ChatError("bad_request", "seq must be an integer") from None
+    seq = _int_param(request.match_info["seq"], "seq", lo=0, hi=MAX_SEQ)
+    assert seq is not None
     message = await messages.message_with_status(request.app[NODE], me.user_id,
                                                  request.match_info["room_id"], seq)
     return web.json_response(message)

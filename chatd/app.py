@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from chatd import api_accounts, api_messages, api_rooms, http, keys, ops, redisconn, ws
+from chatd import api_accounts, api_messages, api_rooms, http, keys, ops, redisconn, webclient, ws
 from chatd.appkeys import FANOUT, NODE, SETTINGS
 from chatd.broker import Broker
 from chatd.config import Settings, redact_url
@@ -19,7 +20,7 @@ from chatd.fanout import Fanout
 from chatd.janitor import Janitor, cleanup_node
 from chatd.loops import Loop
 from chatd.metrics import Metrics
-from chatd.node import Node, check_meta, node_id_for
+from chatd.node import Node, check_meta, claim_data_dir, node_id_for
 from chatd.protocol import CLOSE_GOING_AWAY, CLOSE_RESUME_REQUIRED
 from chatd.scripts import Scripts
 
@@ -40,54 +41,49 @@ def create_app(settings: Settings) -> web.Application:
     api_rooms.add_routes(app)
     api_messages.add_routes(app)
     ws.add_routes(app)
+    webclient.add_routes(app)
     return app
 
 
 async def _node_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    embedded: EmbeddedValkey | None = None
-    url = settings.redis.url
-    if url == "embedded" and not settings.redis.cluster_nodes:
-        embedded = EmbeddedValkey(settings.data_path, binary=settings.embedded.binary or None,
-                                  appendfsync=settings.embedded.appendfsync)
-        url = await embedded.start()
-    try:
+    async with contextlib.AsyncExitStack() as stack:
+        stack.callback(claim_data_dir(settings.data_path).close)
+        url = settings.redis.url
+        if url == "embedded" and not settings.redis.cluster_nodes:
+            embedded = EmbeddedValkey(settings.data_path,
+                                      binary=settings.embedded.binary or None,
+                                      appendfsync=settings.embedded.appendfsync)
+            url = await embedded.start()
+            stack.push_async_callback(embedded.stop)
         redis = await redisconn.connect(settings, url)
+        stack.push_async_callback(redis.close)
         metrics = Metrics()
         scripts = Scripts(redis.cmd, metrics)
         node = Node(settings=settings, node_id=node_id_for(settings), redis=redis,
                     scripts=scripts, metrics=metrics)
-        try:
-            await scripts.load_all()
-            await check_meta(node)
-            fanout = Fanout(node)
-            app[NODE] = node
-            app[FANOUT] = fanout
-            # What a previous life under this node id left (interest, inboxes, presence).
-            await cleanup_node(node, node.node_id)
-            broker = Broker(node, fanout, on_fenced=_fenced(node, fanout))
-            await broker.join()
-            node.add_loop(Loop("redis-probe", _probe(node), metrics,
-                               interval_s=_PROBE_INTERVAL_S))
-            for loop in broker.loops():
-                node.add_loop(loop)
-            node.add_loop(Loop("janitor", Janitor(node).step, metrics,
-                               interval_s=settings.fanout.janitor_interval_s))
-            log.info("node started", extra={
-                "node_id": node.node_id,
-                "redis": ",".join(settings.redis.cluster_nodes) or redact_url(url)})
-            yield
-            node.draining = True
-            await node.stop_loops()
-            await fanout.stop()
-            await _leave(node)
-        finally:
-            node.draining = True
-            await node.stop_loops()
-            await redis.close()
-    finally:
-        if embedded is not None:
-            await embedded.stop()
+        stack.push_async_callback(node.stop_loops)
+        await scripts.load_all()
+        await check_meta(node)
+        fanout = Fanout(node)
+        app[NODE] = node
+        app[FANOUT] = fanout
+        # What a previous life under this node id left (interest, inboxes, presence).
+        await cleanup_node(node, node.node_id)
+        broker = Broker(node, fanout, on_fenced=_fenced(node, fanout))
+        await broker.join()
+        node.add_loop(Loop("redis-probe", _probe(node), metrics, interval_s=_PROBE_INTERVAL_S))
+        for loop in broker.loops():
+            node.add_loop(loop)
+        node.add_loop(Loop("janitor", Janitor(node).step, metrics,
+                           interval_s=settings.fanout.janitor_interval_s))
+        log.info("node started", extra={
+            "node_id": node.node_id,
+            "redis": ",".join(settings.redis.cluster_nodes) or redact_url(url)})
+        yield
+        node.draining = True
+        await node.stop_loops()
+        await _leave(node)
 
 
 async def _close_websockets(app: web.Application) -> None:

@@ -10,6 +10,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from aiohttp import web
 
@@ -22,8 +23,14 @@ log = logging.getLogger("chatd")
 EXIT_CONFIG = 2
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """One line and exit 2, like every other configuration error."""
+        self.exit(EXIT_CONFIG, f"chatd: {message}\n")
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="chatd", description="Self-hosted real-time chat server.")
+    p = _Parser(prog="chatd", description="Self-hosted real-time chat server.")
     p.add_argument("--config", type=Path, help="config file (default: ./config.toml if present)")
     p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port to listen on (default 8080)")
@@ -70,8 +77,8 @@ async def serve(settings: config.Settings) -> None:
         host = settings.server.host
         shown = f"[{host}]" if ":" in host else host
         log.info("chatd ready", extra={"url": f"http://{shown}:{settings.server.port}/"})
-        print(f"chatd ready: web client on http://{shown}:{settings.server.port}/",
-              file=sys.stderr, flush=True)
+        # stdout, so that stderr stays JSON lines for log collectors.
+        print(f"chatd ready: web client on http://{shown}:{settings.server.port}/", flush=True)
         await stop.wait()
         log.info("draining")
     finally:

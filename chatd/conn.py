@@ -20,6 +20,8 @@ from chatd.protocol import CLOSE_RESUME_REQUIRED
 
 log = logging.getLogger("chatd.conn")
 
+_CLOSE_HANDSHAKE_S = 5.0
+
 
 class Cursor:
     """Where a connection stands in one room: the next seq it must receive.
@@ -66,6 +68,10 @@ class Conn:
             self.close(CLOSE_RESUME_REQUIRED)
             return
         self.queue.append(frame)
+        self._wake.set()
+
+    def push_first(self, frame: bytes) -> None:
+        self.queue.appendleft(frame)
         self._wake.set()
 
     def offer(self, room_id: str, seq: int, frame: bytes) -> bool:
@@ -129,10 +135,15 @@ class Conn:
             await asyncio.wait([self._task], timeout=timeout_s)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        """End the writer. A requested close may finish its handshake first, so the
+        client reads our close code rather than a dropped connection."""
+        task = self._task
+        if task is not None:
+            if self.close_code is not None:
+                await asyncio.wait([task], timeout=_CLOSE_HANDSHAKE_S)
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
         if self.close_code is not None and not self.ws.closed:
             await self.ws.close(code=self.close_code)
 

@@ -14,6 +14,7 @@ anything later goes out.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Mapping
 
@@ -37,7 +38,6 @@ class Fanout:
         self.users: dict[str, set[Conn]] = {}
         self._interested: set[str] = set()
         self._locks: dict[str, asyncio.Lock] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
         self._presence_seen: dict[str, set[Conn]] = {}
 
     # --- connections -----------------------------------------------------------
@@ -69,9 +69,12 @@ class Fanout:
     async def join(self, conn: Conn, room_ids: list[str]) -> None:
         """Subscribe before reading positions: frames from now on wait in the backlog."""
         for room_id in room_ids:
-            conn.cursors[room_id] = Cursor()
-            self.rooms.setdefault(room_id, set()).add(conn)
+            self._subscribe(conn, room_id)
         await asyncio.gather(*(self._ensure_interest(r) for r in room_ids))
+
+    def _subscribe(self, conn: Conn, room_id: str) -> None:
+        conn.cursors[room_id] = Cursor()
+        self.rooms.setdefault(room_id, set()).add(conn)
 
     def go_live(self, conn: Conn, room_id: str, next_seq: int, last_seq: int) -> None:
         """Start sending from `next_seq`; read the log first when it is behind `last_seq`."""
@@ -80,9 +83,9 @@ class Fanout:
             return
         cur.next = next_seq
         if next_seq <= last_seq:
-            self._spawn(self._fill(conn, room_id, cur, last_seq))
+            self.node.spawn(lambda: self._fill(conn, room_id, cur, last_seq))
         elif conn.drain_backlog(cur) is not None:
-            self._spawn(self._fill(conn, room_id, cur, None))
+            self.node.spawn(lambda: self._fill(conn, room_id, cur, None))
 
     def leave(self, conn: Conn, room_id: str) -> None:
         conn.cursors.pop(room_id, None)
@@ -92,7 +95,7 @@ class Fanout:
         conns.discard(conn)
         if not conns:
             del self.rooms[room_id]
-            self._spawn(self._drop_interest(room_id))
+            self.node.spawn(lambda: self._drop_interest(room_id), retry=True)
 
     async def _ensure_interest(self, room_id: str) -> None:
         if room_id in self._interested:
@@ -104,9 +107,10 @@ class Fanout:
             self._interested.add(room_id)
 
     async def _drop_interest(self, room_id: str) -> None:
+        """Retried by the caller until it succeeds: a stale interest costs traffic forever."""
         async with self._lock(room_id):
-            if room_id in self.rooms or room_id not in self._interested:
-                return
+            if room_id in self.rooms:
+                return  # a connection came back: its join registers (again) under this lock
             # Forget first: a join that runs while the removal is in flight must
             # register again instead of trusting an interest about to vanish.
             self._interested.discard(room_id)
@@ -133,6 +137,10 @@ class Fanout:
 
     # --- gap filling ----------------------------------------------------------
 
+    def _start_fill(self, conn: Conn, room_id: str) -> None:
+        cur = conn.cursors[room_id]
+        self.node.spawn(lambda: self._fill(conn, room_id, cur, None))
+
     async def _fill(self, conn: Conn, room_id: str, cur: Cursor, upto: int | None) -> None:
         try:
             while conn.cursors.get(room_id) is cur and not conn.closing:
@@ -149,23 +157,13 @@ class Fanout:
     async def _read_log(self, conn: Conn, room_id: str, cur: Cursor, target: int) -> None:
         p = keys.partition_of(room_id, self.node.partitions)
         log_key = keys.room_log(p, room_id)
-        while cur.next <= target and not conn.closing:
-            entries = await self.node.redis.reader.xrange(
+        while cur.next <= target and not conn.closing and conn.cursors.get(room_id) is cur:
+            entries = await self.node.redis.raw.xrange(
                 log_key, f"{cur.next}-0", f"{target}-0", count=_PAGE)
             for entry_id, fields in entries:
                 conn.accept(cur, int(entry_id.split(b"-", 1)[0]), message_frame(fields[b"m"]))
             if len(entries) < _PAGE:
                 cur.next = max(cur.next, target + 1)  # trimmed by retention: gone for everyone
-
-    def _spawn(self, coro: object) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)  # type: ignore[call-overload]
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def stop(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     # --- inbox entries --------------------------------------------------------
 
@@ -178,7 +176,7 @@ class Fanout:
             frame = fields[b"f"]
             for conn in self.rooms.get(room_id, ()):
                 if conn.offer(room_id, seq, frame):
-                    self._spawn(self._fill(conn, room_id, conn.cursors[room_id], None))
+                    self._start_fill(conn, room_id)
         elif kind == b"r":
             self._to_room(fields[b"r"].decode(), fields[b"f"], skip_user=None)
         elif kind == b"t":
@@ -211,14 +209,17 @@ class Fanout:
         for conn in list(self.users.get(subject, ())):
             if added and room_id not in conn.cursors:
                 conn.push(frame)
-                self._spawn(self._join_live(conn, room_id, int(fields[b"s"]) + 1))
+                # Subscribed now, so the other path's copy of this event is a no-op.
+                self._subscribe(conn, room_id)
+                self.node.spawn(functools.partial(self._join_live, conn, room_id,
+                                                  int(fields[b"s"]) + 1))
             elif not added and room_id in conn.cursors:
                 self.leave(conn, room_id)
                 conn.push(frame)
 
     async def _join_live(self, conn: Conn, room_id: str, next_seq: int) -> None:
         try:
-            await self.join(conn, [room_id])
+            await self._ensure_interest(room_id)
             p = keys.partition_of(room_id, self.node.partitions)
             last = int(await self.node.redis.cmd.hget(keys.room(p, room_id), "seq") or 0)
         except (ChatError, RedisError, OSError) as e:

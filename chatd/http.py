@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from chatd.appkeys import NODE
 from chatd.errors import ChatError
@@ -47,6 +48,9 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         response.set_status(405)
     except web.HTTPException:
         raise
+    except (RedisError, OSError) as e:
+        log.warning("storage error in request", extra={"path": request.path, "error": repr(e)})
+        response = error_response(ChatError("unavailable", "storage is unavailable, retry later"))
     except Exception:
         log.exception("unhandled error in request", extra={"path": request.path})
         response = error_response(ChatError("internal", "internal error"))

@@ -28,8 +28,9 @@ async def cleanup_node(node: Node, node_id: str) -> None:
             await node.scripts.run("interest", [keys.room_nodes(p, room_id), node_rooms],
                                    [node_id, room_id, "remove"])
         await cmd.delete(keys.inbox(p, node_id), node_rooms)
-    await cmd.delete(keys.control(node_id))
+    # Users first: a notice sent while they still list the node would recreate its inbox.
     await presence.drop_node_users(node, node_id)
+    await cmd.delete(keys.control(node_id))
 
 
 class Janitor:

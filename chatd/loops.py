@@ -47,12 +47,18 @@ class Loop:
 
     async def _run(self) -> None:
         backoff = 0.05
+        task = asyncio.current_task()
+        assert task is not None
         while True:
             try:
                 await self._step()
             except asyncio.CancelledError:
                 raise
             except Exception as e:
+                if task.cancelling():
+                    # redis-py's internal wait_for can turn our cancellation into a
+                    # connection error (Python 3.11); the cancel still stands.
+                    raise asyncio.CancelledError from e
                 self.healthy = False
                 self._metrics.loop_errors.labels(self.name).inc()
                 log.warning("background loop failed, retrying",
@@ -60,6 +66,8 @@ class Loop:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self._max_backoff_s)
             else:
+                if task.cancelling():
+                    raise asyncio.CancelledError
                 self.healthy = True
                 backoff = 0.05
                 if self._interval_s:

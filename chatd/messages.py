@@ -49,36 +49,25 @@ async def send(node: Node, user_id: str, room_id: str, client_msg_id: str, body:
     retention = node.settings.messages
     retention_value = (retention.max_len if retention.retention == "maxlen"
                        else retention.max_age_s * 1000)
-    seq, ts, dup = await node.scripts.run("send_message", [
+    durability = node.settings.durability
+    reply = await node.scripts.run("send_message", [
         keys.room(p, room_id), keys.room_members(p, room_id), keys.room_log(p, room_id),
         keys.room_nodes(p, room_id), keys.inbox_prefix(p), idem_key,
     ], [
         room_id, user_id, client_msg_id, json.dumps(body, ensure_ascii=False),
         limits.idempotency_ttl_s * 1000, retention.retention, retention_value,
         node.settings.fanout.inbox_max_len,
-    ])
+    ], replicas=durability.replicas, wait_ms=durability.wait_timeout_ms)
+    if durability.replicas:
+        reply, confirmed = reply
+        if int(confirmed) < durability.replicas:
+            raise ChatError("unavailable", f"stored, but only {confirmed} of "
+                            f"{durability.replicas} replicas confirmed in time; retry with "
+                            "the same client_msg_id")
+    seq, ts, dup = reply
     sent = Sent(int(seq), int(ts), bool(dup))
-    if not sent.duplicate:
-        await _wait_for_replicas(node, keys.room(p, room_id))
     node.metrics.sends.labels(str(sent.duplicate).lower()).inc()
     return sent
-
-
-async def _wait_for_replicas(node: Node, slot_key: str) -> None:
-    """`durability.replicas` > 0: ack only once that many replicas have the write."""
-    want = node.settings.durability.replicas
-    if want == 0:
-        return
-    cmd = node.redis.cmd
-    timeout = node.settings.durability.wait_timeout_ms
-    if node.redis.is_cluster:
-        target = cmd.get_node_from_key(slot_key)
-        got = await cmd.execute_command("WAIT", want, timeout, target_nodes=target)
-    else:
-        got = await cmd.execute_command("WAIT", want, timeout)
-    if int(got) < want:
-        raise ChatError("unavailable", f"stored, but only {got} of {want} replicas confirmed; "
-                        "retry with the same client_msg_id")
 
 
 async def history(node: Node, user_id: str, room_id: str, *, after_seq: int | None,
@@ -89,7 +78,7 @@ async def history(node: Node, user_id: str, room_id: str, *, after_seq: int | No
     await rooms.require_member(node, room_id, user_id)
     p = keys.partition_of(room_id, node.partitions)
     log_key = keys.room_log(p, room_id)
-    reader = node.redis.reader
+    reader = node.redis.raw
     if after_seq is not None:
         entries = await reader.xrange(log_key, f"{after_seq + 1}-0", "+", count=limit + 1)
         more = len(entries) > limit

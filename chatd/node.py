@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+import fcntl
+import logging
 import secrets
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
+
+from redis.exceptions import RedisError
 
 from chatd import keys
 from chatd.config import ConfigError, Settings
+from chatd.errors import ChatError
 from chatd.loops import Loop
 from chatd.metrics import Metrics
 from chatd.redisconn import RedisConn
 from chatd.scripts import Scripts
+
+log = logging.getLogger("chatd.node")
 
 
 @dataclass
@@ -23,6 +33,8 @@ class Node:
     metrics: Metrics
     secret: str = ""
     loops: list[Loop] = field(default_factory=list)
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    usernames: dict[str, str] = field(default_factory=dict)  # immutable, so cacheable
     redis_ok: bool = True
     draining: bool = False
 
@@ -42,6 +54,48 @@ class Node:
         for loop in reversed(self.loops):
             await loop.stop()
         self.loops.clear()
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    def spawn(self, make: Callable[[], Awaitable[object]], *, retry: bool = False) -> None:
+        """Run work in the background, tracked so shutdown cancels it.
+
+        With `retry`, storage failures are retried with capped backoff until the
+        work succeeds: for clean-up that must not be lost to a Redis outage.
+        """
+        task = asyncio.create_task(self._attempts(make, retry))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _attempts(self, make: Callable[[], Awaitable[object]], retry: bool) -> None:
+        delay = 0.1
+        while True:
+            try:
+                await make()
+                return
+            except (ChatError, RedisError, OSError) as e:
+                if not retry:
+                    log.warning("background work failed", extra={"error": repr(e)})
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+
+def claim_data_dir(path: Path) -> IO[str]:
+    """Hold an exclusive lock on the data dir for the life of the process.
+
+    Two nodes on one data dir would share a node id and fight over the
+    embedded server; the lock dies with the process, even on SIGKILL.
+    """
+    path.mkdir(parents=True, exist_ok=True)
+    handle = (path / "chatd.lock").open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise ConfigError(f"data dir {path} is in use by another chatd process") from None
+    return handle
 
 
 def node_id_for(settings: Settings) -> str:

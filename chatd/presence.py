@@ -32,6 +32,12 @@ async def closed(node: Node, user_id: str, last_on_node: bool) -> None:
         await publish(node, user_id, online=False, ts=ts)
 
 
+async def refused(node: Node, user_id: str, last_on_node: bool) -> None:
+    """Undo `opened`'s bookkeeping for a connection the limit turned away."""
+    if last_on_node:
+        await node.redis.cmd.srem(keys.node_users(node.node_id), user_id)
+
+
 async def drop_node_users(node: Node, dead_node_id: str) -> int:
     """Forget every connection a dead node held; returns how many users went offline."""
     offline = 0
@@ -43,6 +49,18 @@ async def drop_node_users(node: Node, dead_node_id: str) -> int:
             await publish(node, user_id, online=False, ts=ts)
     await node.redis.cmd.delete(users_key)
     return offline
+
+
+async def snapshot(node: Node, user_ids: list[str]) -> list[dict[str, object]]:
+    """Current presence of these users, for a `welcome`."""
+    async with node.redis.cmd.pipeline(transaction=False) as pipe:
+        for user_id in user_ids:
+            pipe.hlen(keys.user_nodes(user_id))
+            pipe.hget(keys.user_presence(user_id), "last_seen")
+        replies = await pipe.execute()
+    return [{"user_id": user_id, "online": bool(replies[2 * i]),
+             "last_seen": int(seen) if (seen := replies[2 * i + 1]) else None}
+            for i, user_id in enumerate(user_ids)]
 
 
 async def _count(node: Node, user_id: str, node_id: str, op: str) -> tuple[int, int]:

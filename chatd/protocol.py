@@ -33,7 +33,7 @@ RequestId = Annotated[str, msgspec.Meta(max_length=64)]
 RoomId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 Seq = Annotated[int, msgspec.Meta(ge=0, le=MAX_SEQ)]
 Limit = Annotated[int, msgspec.Meta(ge=1, le=200)]
-ClientMsgId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+ClientMsgId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}\Z")]
 
 
 class _Frame(msgspec.Struct, tag_field="type", kw_only=True):
@@ -96,7 +96,7 @@ class FrameError(Exception):
 def decode(data: bytes | str, max_body_chars: int) -> ClientFrame:
     try:
         frame: ClientFrame = _decoder.decode(data)
-    except (msgspec.ValidationError, msgspec.DecodeError) as e:
+    except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError) as e:
         raise FrameError(_explain(e), _request_id(data)) from None
     if isinstance(frame, Send):
         _check_body(frame, max_body_chars)
@@ -124,7 +124,7 @@ def _is_utf8(text: str) -> bool:
 def _request_id(data: bytes | str) -> str | None:
     try:
         raw = _raw_decoder.decode(data)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError):
         return None
     if isinstance(raw, dict):
         rid = raw.get("id")
@@ -135,6 +135,8 @@ def _request_id(data: bytes | str) -> str | None:
 
 def _explain(e: Exception) -> str:
     text = str(e)
+    if isinstance(e, UnicodeDecodeError):
+        return "frame is not valid UTF-8"
     if not isinstance(e, msgspec.ValidationError):  # ValidationError subclasses DecodeError
         return "frame is not valid JSON"
     if text.startswith("Invalid value") and "$.type" in text:

@@ -1,22 +1,28 @@
 """The only place that builds Redis clients.
 
-A node holds two clients to the same server or cluster:
+A node holds three clients to the same server or cluster:
 
 - `cmd`: commands and scripts, strings decoded (short timeouts, retried,
   because every write chatd makes is idempotent).
-- `reader`: blocking stream reads, raw bytes so message frames go to sockets
-  without a decode/encode round, with a socket timeout above the block time
-  (a blocking XREADGROUP must not be cut by its own client: redis-py #2807).
+- `raw`: reads of the room logs, raw bytes so stored message frames go to
+  sockets without a decode/encode round (retried, like `cmd`).
+- `reader`: blocking inbox reads (XREADGROUP), raw bytes, with a socket
+  timeout above the block time (a blocking read must not be cut by its own
+  client: redis-py #2807) and **no retries**: XREADGROUP marks entries
+  pending when Redis sends the reply, so a reply lost with its connection
+  must surface as an error, after which the consumer re-reads its pending
+  entries. A silent retry would read only new entries and strand those.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
@@ -26,36 +32,44 @@ from chatd.config import ConfigError, Settings, redact_url
 
 log = logging.getLogger("chatd.redis")
 
+_RETRIES = 2
+
 
 
 @dataclass
 class RedisConn:
     cmd: Any  # Redis | RedisCluster: their command mixins are typed apart, so Any
+    raw: Any
     reader: Any
     is_cluster: bool
 
     async def close(self) -> None:
-        await self.cmd.aclose()
-        await self.reader.aclose()
+        for client in (self.cmd, self.raw, self.reader):
+            await client.aclose()
 
 
-def _retry() -> Retry:
-    return Retry(ExponentialBackoff(cap=0.25, base=0.02), retries=2)
+def _retry(retries: int) -> Retry:
+    return Retry(ExponentialBackoff(cap=0.25, base=0.02), retries=retries)
 
 
-def _standalone(url: str, settings: Settings, *, decode: bool, read_timeout: float) -> Redis:
-    return Redis.from_url(
+def _standalone(url: str, settings: Settings, *, decode: bool, read_timeout: float,
+                retries: int) -> Redis:
+    # A blocking pool queues callers past max_connections instead of failing them.
+    pool = BlockingConnectionPool.from_url(
         url,
         decode_responses=decode,
         socket_timeout=read_timeout,
         socket_connect_timeout=settings.redis.connect_timeout_s,
         max_connections=settings.redis.max_connections,
+        timeout=settings.redis.socket_timeout_s,
         health_check_interval=0,
-        retry=_retry(),
+        retry=_retry(retries),
     )
+    return Redis.from_pool(pool)
 
 
-def _cluster(settings: Settings, *, decode: bool, read_timeout: float) -> RedisCluster:
+def _cluster(settings: Settings, *, decode: bool, read_timeout: float,
+             retries: int) -> RedisCluster:
     nodes = []
     for item in settings.redis.cluster_nodes:
         host, _, port = item.rpartition(":")
@@ -66,24 +80,20 @@ def _cluster(settings: Settings, *, decode: bool, read_timeout: float) -> RedisC
         socket_timeout=read_timeout,
         socket_connect_timeout=settings.redis.connect_timeout_s,
         max_connections=settings.redis.max_connections,
-        retry=_retry(),
+        retry=_retry(retries),
     )
 
 
 def build(settings: Settings, url: str) -> RedisConn:
     """Build the clients; `url` is the resolved standalone URL (embedded or configured)."""
     block_s = settings.fanout.block_ms / 1000
-    read_timeout = block_s + settings.redis.socket_timeout_s
-    if settings.redis.cluster_nodes:
-        return RedisConn(
-            cmd=_cluster(settings, decode=True, read_timeout=settings.redis.socket_timeout_s),
-            reader=_cluster(settings, decode=False, read_timeout=read_timeout),
-            is_cluster=True,
-        )
+    timeout = settings.redis.socket_timeout_s
+    make = _cluster if settings.redis.cluster_nodes else functools.partial(_standalone, url)
     return RedisConn(
-        cmd=_standalone(url, settings, decode=True, read_timeout=settings.redis.socket_timeout_s),
-        reader=_standalone(url, settings, decode=False, read_timeout=read_timeout),
-        is_cluster=False,
+        cmd=make(settings, decode=True, read_timeout=timeout, retries=_RETRIES),
+        raw=make(settings, decode=False, read_timeout=timeout, retries=_RETRIES),
+        reader=make(settings, decode=False, read_timeout=block_s + timeout, retries=0),
+        is_cluster=bool(settings.redis.cluster_nodes),
     )
 
 
@@ -97,8 +107,8 @@ async def connect(settings: Settings, url: str) -> RedisConn:
         attempt += 1
         conn = build(settings, url)
         try:
-            await conn.cmd.ping()
-            await conn.reader.ping()
+            for client in (conn.cmd, conn.raw, conn.reader):
+                await client.ping()
             await _check_version(conn)
             return conn
         except (RedisError, OSError) as e:

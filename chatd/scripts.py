@@ -50,10 +50,18 @@ class Scripts:
         for script in self._scripts.values():
             await self._client.script_load(script.script)
 
-    async def run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    async def run(self, name: str, keys: Sequence[str], args: Sequence[Any], *,
+                  replicas: int = 0, wait_ms: int = 0) -> Any:
+        """Run a script; with `replicas`, also WAIT for them on the same connection
+        (WAIT covers the writes of the connection it runs on) and return both replies."""
         started = time.perf_counter()
         try:
-            return await self._scripts[name](keys=keys, args=args)
+            if not replicas:
+                return await self._scripts[name](keys=keys, args=args)
+            async with self._client.pipeline(transaction=False) as pipe:
+                await self._scripts[name](keys=keys, args=args, client=pipe)
+                pipe.execute_command("WAIT", replicas, wait_ms)
+                return await pipe.execute()
         except ResponseError as e:
             raise to_chat_error(e) from None
         except (RedisConnectionError, RedisTimeoutError, OSError) as e:

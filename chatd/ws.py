@@ -32,6 +32,9 @@ from chatd.protocol import (
 
 log = logging.getLogger("chatd.ws")
 
+# Extension: `welcome` carries the presence of this many co-members at most.
+_PRESENCE_IN_WELCOME = 1000
+
 
 def origin_allowed(request: web.Request, allowed: tuple[str, ...]) -> bool:
     """No Origin (a non-browser client) is fine; a browser must come from an allowed one."""
@@ -53,6 +56,10 @@ async def handler(request: web.Request) -> web.StreamResponse:
     node.metrics.connections.inc()
     try:
         await _session(request, ws, node)
+    except (ChatError, RedisError, OSError) as e:
+        log.warning("connection ended by a storage error", extra={"error": repr(e)})
+        if not ws.closed:
+            await ws.close(code=CLOSE_INTERNAL)
     finally:
         node.metrics.connections.dec()
         node.metrics.closes.labels(str(ws.close_code)).inc()
@@ -63,34 +70,43 @@ async def _session(request: web.Request, ws: web.WebSocketResponse, node: Node) 
     hello = await _read_hello(ws, node)
     if hello is None:
         return
-    token = hello.token or auth.bearer_token(request)
+    token = hello.token or auth.bearer_token(request) or ""
     try:
-        principal = await auth.verify_token(node, token or "")
+        principal = await auth.verify_token(node, token)
     except ChatError as e:
-        await ws.send_bytes(protocol.error_frame(e, hello.id))
-        await ws.close(code=CLOSE_UNAUTHORIZED)
+        await _refuse(ws, e, hello.id)
         return
     fanout = request.app[FANOUT]
     conn = Conn(ws, principal.user_id, principal.session_id, node.settings.limits.send_queue_max)
     first = fanout.add_conn(conn)
     try:
-        try:
-            await presence.opened(node, conn.user_id, first)
-        except TooManyConnections:
-            fanout.remove_conn(conn)
-            await ws.close(code=CLOSE_TOO_MANY, message=b"too many connections")
-            return
-        try:
-            await _welcome(node, fanout, conn, principal, hello)
-            await _read_loop(ws, node, conn)
-        finally:
-            last = fanout.remove_conn(conn)
-            await conn.stop()
-            await presence.closed(node, conn.user_id, last)
-    except (ChatError, RedisError, OSError) as e:
-        log.warning("connection ended by a storage error", extra={"error": repr(e)})
-        if not ws.closed:
-            await ws.close(code=CLOSE_INTERNAL)
+        await presence.opened(node, conn.user_id, first)
+    except TooManyConnections:
+        await presence.refused(node, conn.user_id, fanout.remove_conn(conn))
+        await ws.close(code=CLOSE_TOO_MANY, message=b"too many connections")
+        return
+    except (ChatError, RedisError, OSError):
+        await presence.refused(node, conn.user_id, fanout.remove_conn(conn))
+        raise
+    try:
+        # Now that this node is listed for the user, a logout notifies us; one that
+        # happened before the listing is caught by checking the session again.
+        await auth.verify_token(node, token)
+        await _welcome(node, fanout, conn, principal, hello)
+        await _read_loop(ws, node, conn)
+    except ChatError as e:
+        if e.code != "unauthorized":
+            raise
+        await _refuse(ws, e, hello.id)
+    finally:
+        last = fanout.remove_conn(conn)
+        await conn.stop()
+        node.spawn(lambda: presence.closed(node, conn.user_id, last), retry=True)
+
+
+async def _refuse(ws: web.WebSocketResponse, err: ChatError, request_id: str | None) -> None:
+    await ws.send_frame(protocol.error_frame(err, request_id), WSMsgType.TEXT)
+    await ws.close(code=CLOSE_UNAUTHORIZED)
 
 
 async def _read_hello(ws: web.WebSocketResponse, node: Node) -> protocol.Hello | None:
@@ -121,20 +137,32 @@ async def _welcome(node: Node, fanout: Fanout, conn: Conn, principal: Principal,
             p = keys.partition_of(room_id, node.partitions)
             pipe.hget(keys.room(p, room_id), "seq")
             pipe.hmget(keys.room_marks(p, room_id), f"d:{conn.user_id}", f"r:{conn.user_id}")
+            # The truth again, after the join: a removal since the index was read
+            # would otherwise go unnoticed; one after this reaches us as an event.
+            pipe.hkeys(keys.room_members(p, room_id))
         replies = await pipe.execute()
     welcome_rooms = []
     last_seqs = {}
+    peers: dict[str, None] = {}
     for i, room_id in enumerate(room_ids):
-        last = int(replies[2 * i] or 0)
-        delivered, read = (int(v or 0) for v in replies[2 * i + 1])
+        last, marks, members = replies[3 * i:3 * i + 3]
+        if conn.user_id not in members:
+            fanout.leave(conn, room_id)
+            continue
+        peers.update(dict.fromkeys(members))
+        last = int(last or 0)
+        delivered, read = (int(v or 0) for v in marks)
         last_seqs[room_id] = last
         welcome_rooms.append({"room_id": room_id, "last_seq": last, "read_seq": read,
                               "delivered_seq": delivered})
-    conn.start()
-    conn.push(protocol.encode({
+    peers.pop(conn.user_id, None)
+    present = await presence.snapshot(node, list(peers)[:_PRESENCE_IN_WELCOME])
+    # First in the queue: room events may have been queued since the join.
+    conn.push_first(protocol.encode({
         "type": "welcome", "user_id": principal.user_id, "session_id": principal.session_id,
         "node_id": node.node_id, "heartbeat_s": node.settings.limits.heartbeat_s,
-        "rooms": welcome_rooms}))
+        "rooms": welcome_rooms, "presence": present}))
+    conn.start()
     resume = hello.resume or {}
     for room_id, last in last_seqs.items():
         start = resume[room_id] + 1 if room_id in resume else last + 1
@@ -188,13 +216,13 @@ async def _read_loop(ws: web.WebSocketResponse, node: Node, conn: Conn) -> None:
                 conn.push(protocol.error_frame(e, e.request_id))
                 metrics.errors.labels(e.code).inc()
                 if e.code == "bad_request" and budget.strike():
-                    conn.close(CLOSE_POLICY)
+                    conn.close(CLOSE_POLICY, flush=True)
                 continue
         else:  # binary frames are not part of the protocol
             conn.push(protocol.error_frame(FrameError("binary frames are not accepted", None),
                                            None))
             if budget.strike():
-                conn.close(CLOSE_POLICY)
+                conn.close(CLOSE_POLICY, flush=True)
             continue
         wait_ms = budget.take()
         if wait_ms:

@@ -43,6 +43,8 @@ end
 
 local previous = redis.call('GET', idem_key)
 if previous then
+  -- A write, so that a WAIT after a retried send also covers the original.
+  redis.call('SET', idem_key, previous, 'KEEPTTL')
   local sep = string.find(previous, ':', 1, true)
   return {tonumber(string.sub(previous, 1, sep - 1)), tonumber(string.sub(previous, sep + 1)), 1}
 end

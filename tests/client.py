@@ -7,6 +7,7 @@ JSON over HTTP with a bearer token, and a WebSocket that starts with `hello`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import secrets
@@ -134,10 +135,8 @@ class Ws:
             if remaining <= 0:
                 raise TimeoutError(f"no matching frame in {timeout}s; last: {self.frames[-5:]}")
             self._arrived.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), remaining)
-            except TimeoutError:
-                pass
 
     async def wait_type(self, kind: str, timeout: float = 10.0, **match: Any) -> dict[str, Any]:
         return await self.wait_for(

@@ -14,7 +14,6 @@ The pytest fixtures live in ``tests/conftest.py``; this module only uses pytest 
 
 # The async API takes ``timeout`` arguments on purpose (e.g. ``wait_exit(timeout)``):
 # they bound process start-up / shutdown polling loops, not a single awaitable.
-# ruff: noqa: ASYNC109
 
 from __future__ import annotations
 

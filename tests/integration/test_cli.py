@@ -1,0 +1,408 @@
+"""The command line as an operator meets it: real `python -m chatd` / `chatd` processes.
+
+- invalid configuration and an unreachable Redis: exit 2, one line naming the problem;
+- the embedded default (no Redis configured): ready, SIGTERM drains to exit 0 and stops
+  the embedded valkey-server; data survives a restart and a SIGKILL;
+- logs on a non-tty stderr are JSON lines; `--help` works for both entry points.
+
+Every process runs in a temporary working directory, so neither the repository's
+config.toml nor a ./data directory is picked up by accident.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.client import FAST_ENV, Api
+from tests.harness import REPO_ROOT, free_port, release_port
+
+PYTHON_M = [sys.executable, "-m", "chatd"]
+CONSOLE = [str(Path(sys.executable).parent / "chatd")]
+SHUTDOWN_S = 5.0
+
+
+def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHATD_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    env.update(extra or {})
+    return env
+
+
+def run_cli(args: Sequence[str], cwd: Path, env: Mapping[str, str] | None = None,
+            command: Sequence[str] = PYTHON_M,
+            timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*command, *args], cwd=cwd, env=child_env(env), capture_output=True,
+                          text=True, timeout=timeout, check=False, stdin=subprocess.DEVNULL)
+
+
+def json_record(line: str) -> dict[str, Any] | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def assert_one_problem_line(res: subprocess.CompletedProcess[str], *names: str) -> str:
+    assert res.returncode == 2, (res.returncode, res.stderr)
+    assert "Traceback" not in res.stderr
+    assert res.stdout == ""
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, res.stderr
+    [line] = lines
+    for name in names:
+        assert name in line, (name, line)
+    return line
+
+
+# --- invalid configuration ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("args", "names"), [
+    (["--port", "70000"], ["server.port", "70000"]),
+    (["--port", "0"], ["server.port"]),
+    (["--redis-url", "http://localhost:6379"], ["redis.url"]),
+    (["--redis-cluster", "nohost"], ["redis.cluster_nodes", "nohost"]),
+    (["--config", "missing.toml"], ["missing.toml"]),
+])
+def test_bad_flag_exits_2_with_one_line(tmp_path: Path, args: list[str],
+                                        names: list[str]) -> None:
+    assert_one_problem_line(run_cli(args, tmp_path), *names)
+
+
+def test_non_numeric_port_flag_exits_2_with_one_line(tmp_path: Path) -> None:
+    assert_one_problem_line(run_cli(["--port", "eighty"], tmp_path), "--port", "eighty")
+
+
+@pytest.mark.parametrize("command", [PYTHON_M, CONSOLE], ids=["python-m", "console-script"])
+def test_unknown_key_in_config_file(tmp_path: Path, command: list[str]) -> None:
+    (tmp_path / "chatd.toml").write_text('[server]\nport = 9000\nlisten = "0.0.0.0"\n')
+    res = run_cli(["--config", "chatd.toml"], tmp_path, command=command)
+    assert_one_problem_line(res, "server.listen")
+
+
+def test_unknown_key_in_implicit_config_toml(tmp_path: Path) -> None:
+    (tmp_path / "config.toml").write_text("[redis]\npartitons = 4\n")
+    assert_one_problem_line(run_cli([], tmp_path), "redis.partitons")
+
+
+def test_unknown_section_and_bad_toml(tmp_path: Path) -> None:
+    (tmp_path / "a.toml").write_text("[serve]\nport = 9000\n")
+    assert_one_problem_line(run_cli(["--config", "a.toml"], tmp_path), "[serve]")
+    (tmp_path / "b.toml").write_text("[server]\nport = \n")
+    assert_one_problem_line(run_cli(["--config", "b.toml"], tmp_path), "b.toml")
+
+
+@pytest.mark.parametrize(("var", "value", "names"), [
+    ("CHATD_SERVER__PORT", "eighty", ["server.port", "CHATD_SERVER__PORT", "eighty"]),
+    ("CHATD_LIMITS__SEND_BURST", "1.5", ["limits.send_burst", "CHATD_LIMITS__SEND_BURST"]),
+    ("CHATD_SERVER__LOG_LEVEL", "loud", ["server.log_level", "loud"]),
+    ("CHATD_SERVER__PROT", "1", ["server.prot"]),
+])
+def test_bad_env_exits_2_with_one_line(tmp_path: Path, var: str, value: str,
+                                       names: list[str]) -> None:
+    assert_one_problem_line(run_cli([], tmp_path, {var: value}), *names)
+
+
+def test_unreachable_redis_exits_2(tmp_path: Path) -> None:
+    port = free_port()  # reserved, and nothing listens on it
+    try:
+        url = f"redis://:hunter2pw@127.0.0.1:{port}/0"
+        t0 = time.monotonic()
+        res = run_cli(["--redis-url", url, "--port", str(free_port())], tmp_path,
+                      {"CHATD_REDIS__STARTUP_TIMEOUT_S": "1"})
+        elapsed = time.monotonic() - t0
+    finally:
+        release_port(port)
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr
+    assert "hunter2pw" not in res.stderr  # the password never reaches a log
+    assert elapsed < 15  # gave up after about startup_timeout_s
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    # One line names the problem; the others are the retry log (one record per attempt).
+    problems = [line for line in lines if json_record(line) is None]
+    assert len(problems) == 1, res.stderr
+    assert "Redis" in problems[0] and f"127.0.0.1:{port}" in problems[0]
+    retries = [json_record(line) for line in lines if json_record(line) is not None]
+    assert all(r is not None and r["level"] == "warning" for r in retries), retries
+
+
+def test_unreachable_redis_one_line_at_log_level_error(tmp_path: Path) -> None:
+    port = free_port()
+    try:
+        res = run_cli(["--redis-url", f"redis://127.0.0.1:{port}/0"], tmp_path,
+                      {"CHATD_REDIS__STARTUP_TIMEOUT_S": "0.5",
+                       "CHATD_SERVER__LOG_LEVEL": "error"})
+    finally:
+        release_port(port)
+    assert_one_problem_line(res, "Redis", f"127.0.0.1:{port}")
+
+
+def test_port_in_use_exits_2_and_stops_the_embedded_server(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        t0 = time.monotonic()
+        res = run_cli(["--port", str(port), "--data-dir", str(data_dir)], tmp_path,
+                      {"CHATD_SERVER__SHUTDOWN_TIMEOUT_S": str(SHUTDOWN_S)},
+                      timeout=SHUTDOWN_S + 15)
+        elapsed = time.monotonic() - t0
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr
+    problems = [line for line in res.stderr.splitlines()
+                if line.strip() and json_record(line) is None]
+    assert len(problems) == 1, res.stderr
+    assert f"127.0.0.1:{port}" in problems[0]
+    assert elapsed < SHUTDOWN_S + 10
+    assert valkey_pids_for(data_dir) == set()  # the embedded server it started is gone
+
+
+# --- --help ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [PYTHON_M, CONSOLE], ids=["python-m", "console-script"])
+def test_help(tmp_path: Path, command: list[str]) -> None:
+    res = run_cli(["--help"], tmp_path, command=command)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("usage: chatd")
+    for flag in ("--config", "--host", "--port", "--node-id", "--redis-url", "--redis-cluster",
+                 "--data-dir"):
+        assert flag in res.stdout
+    assert res.stderr == ""
+
+
+def test_console_script_is_installed() -> None:
+    assert Path(CONSOLE[0]).is_file() and os.access(CONSOLE[0], os.X_OK)
+    assert shutil.which("chatd", path=str(Path(sys.executable).parent)) == CONSOLE[0]
+
+
+# --- the embedded default -------------------------------------------------------------------
+
+
+def valkey_pids_for(data_dir: Path) -> set[int]:
+    """Pids of live valkey/redis-server processes serving `data_dir` (cmdline or cwd)."""
+    marker = os.fsencode(data_dir.resolve())
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            state = (entry / "stat").read_bytes()
+        except OSError:
+            continue
+        if b"valkey-server" not in cmdline and b"redis-server" not in cmdline:
+            continue
+        if state[state.rfind(b")") + 2:][:1] in (b"Z", b"X"):
+            continue  # exited, waiting to be reaped
+        cwd = b""
+        with contextlib.suppress(OSError):
+            cwd = os.fsencode(os.readlink(entry / "cwd"))
+        if marker in cmdline or cwd.startswith(marker):
+            found.add(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return False
+    return state[state.rfind(b")") + 2:][:1] not in (b"Z", b"X")
+
+
+class Chatd:
+    """One chatd process with no Redis configured: the embedded default."""
+
+    def __init__(self, workdir: Path, data_dir: Path, port: int, env: Mapping[str, str]) -> None:
+        self.workdir = workdir
+        self.data_dir = data_dir
+        self.port = port
+        self.env = dict(env)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.runs = 0
+        self.stderr_path = workdir / "stderr-0.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def spawn(self) -> None:
+        self.runs += 1
+        self.stderr_path = self.workdir / f"stderr-{self.runs}.log"
+        argv = [*PYTHON_M, "--port", str(self.port), "--data-dir", str(self.data_dir)]
+        setpriv = shutil.which("setpriv")
+        if setpriv:  # dies with pytest, even if pytest is SIGKILLed
+            argv = [setpriv, "--pdeathsig", "KILL", "--", *argv]
+        with open(self.stderr_path, "wb") as err:
+            self.proc = subprocess.Popen(argv, cwd=self.workdir, env=child_env(self.env),
+                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                         stderr=err, start_new_session=True)
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def records(self) -> list[dict[str, Any]]:
+        return [r for r in map(json_record, self.stderr().splitlines()) if r is not None]
+
+    def valkey_pid(self) -> int:
+        [pid] = [r["pid"] for r in self.records() if r.get("msg") == "embedded valkey started"]
+        return int(pid)
+
+    async def start(self, session: aiohttp.ClientSession, within_s: float = 20) -> float:
+        """Spawn and wait for /readyz 200; the seconds it took."""
+        self.spawn()
+        t0 = time.monotonic()
+        while True:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"chatd exited with {self.proc.returncode}:\n"
+                                     f"{self.stderr()}")
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                async with session.get(self.url + "/readyz") as resp:
+                    if resp.status == 200:
+                        return time.monotonic() - t0
+            if time.monotonic() - t0 > within_s:
+                raise AssertionError(f"chatd not ready within {within_s}s:\n{self.stderr()}")
+            await asyncio.sleep(0.1)
+
+    def signal(self, sig: signal.Signals) -> None:
+        assert self.proc is not None and self.proc.poll() is None
+        self.proc.send_signal(sig)
+
+    async def wait_exit(self, within_s: float) -> int:
+        assert self.proc is not None
+        deadline = time.monotonic() + within_s
+        while self.proc.poll() is None:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"chatd still running after {within_s}s:\n{self.stderr()}")
+            await asyncio.sleep(0.05)
+        return self.proc.returncode
+
+    def cleanup(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        for pid in valkey_pids_for(self.data_dir):  # started by our chatd, left behind
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s:
+        yield s
+
+
+@pytest.fixture
+def chatd(tmp_path: Path) -> Iterator[Chatd]:
+    port = free_port()
+    server = Chatd(tmp_path, tmp_path / "data", port,
+                   {**FAST_ENV, "CHATD_SERVER__SHUTDOWN_TIMEOUT_S": str(SHUTDOWN_S)})
+    try:
+        yield server
+    finally:
+        server.cleanup()
+        release_port(port)
+
+
+async def stop_gracefully(chatd: Chatd) -> None:
+    """SIGTERM: exit 0 within shutdown_timeout_s, and the embedded valkey-server is gone."""
+    valkey_pid = chatd.valkey_pid()
+    t0 = time.monotonic()
+    chatd.signal(signal.SIGTERM)
+    assert await chatd.wait_exit(SHUTDOWN_S + 5) == 0, chatd.stderr()
+    assert time.monotonic() - t0 < SHUTDOWN_S
+    assert not alive(valkey_pid)
+    assert valkey_pids_for(chatd.data_dir) == set()
+    assert "Traceback" not in chatd.stderr()
+
+
+async def test_embedded_default_drains_and_keeps_data(chatd: Chatd,
+                                                      session: aiohttp.ClientSession) -> None:
+    await chatd.start(session)
+    valkey_pid = chatd.valkey_pid()
+    assert valkey_pids_for(chatd.data_dir) == {valkey_pid}  # serving this data dir
+    assert (chatd.data_dir / "valkey").is_dir()
+    api = Api(session, chatd.url)
+    user = await api.register()
+    async with session.get(chatd.url + "/readyz") as resp:
+        node_id = (await resp.json())["node_id"]
+
+    await stop_gracefully(chatd)
+
+    await chatd.start(session)
+    assert chatd.valkey_pid() != valkey_pid  # a fresh server, on the same files
+    again = await api.login(user.username)
+    assert again.user_id == user.user_id
+    async with session.get(chatd.url + "/readyz") as resp:
+        assert (await resp.json())["node_id"] == node_id  # stable per data dir
+    await stop_gracefully(chatd)
+
+
+async def test_embedded_default_survives_sigkill(chatd: Chatd,
+                                                 session: aiohttp.ClientSession) -> None:
+    await chatd.start(session)
+    api = Api(session, chatd.url)
+    user = await api.register()
+
+    orphan = chatd.valkey_pid()
+
+    chatd.signal(signal.SIGKILL)
+    assert await chatd.wait_exit(5) == -signal.SIGKILL
+
+    # At once: the old server may still be shutting down (it gets SIGTERM from the kernel).
+    assert await chatd.start(session, within_s=20) < 20
+    assert not alive(orphan)
+    assert valkey_pids_for(chatd.data_dir) == {chatd.valkey_pid()}
+    again = await api.login(user.username)
+    assert again.user_id == user.user_id
+    other = await api.register()  # and it takes writes
+    await stop_gracefully(chatd)
+
+    await chatd.start(session)
+    assert (await api.login(other.username)).user_id == other.user_id
+    await stop_gracefully(chatd)
+
+
+async def test_ready_log_line_names_the_url(chatd: Chatd,
+                                            session: aiohttp.ClientSession) -> None:
+    await chatd.start(session)
+    await stop_gracefully(chatd)
+    records = chatd.records()
+    assert all(isinstance(r.get("level"), str) and isinstance(r.get("msg"), str)
+               for r in records)
+    [ready] = [r for r in records if r["msg"] == "chatd ready"]
+    assert ready["level"] == "info"
+    assert ready["url"] == f"{chatd.url}/"
+    assert [r["msg"] for r in records][-1] == "stopped"
+
+
+async def test_non_tty_stderr_is_json_lines(chatd: Chatd,
+                                            session: aiohttp.ClientSession) -> None:
+    await chatd.start(session)
+    await stop_gracefully(chatd)
+    lines = [line for line in chatd.stderr().splitlines() if line.strip()]
+    assert lines
+    for line in lines:
+        record = json_record(line)
+        assert record is not None, f"not a JSON line: {line!r}"
+        assert {"level", "msg"} <= set(record)

@@ -1,0 +1,317 @@
+"""Sent -> Delivered -> Read (PROTOCOL.md sections 2 and 3): the `delivered` and `read`
+watermarks, `receipt` frames, message status and receipts over HTTP, the watermarks in
+`welcome`, and unread counts in GET /rooms. One real chatd node on a real Valkey."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Mapping
+from typing import Any
+
+import aiohttp
+
+from tests.client import FAST_ENV, Api, User, Ws, connect
+from tests.harness import ChatdNode, ChatdNodes, ValkeyProcess, assert_clean_logs
+
+
+async def start_node(chatd_nodes: ChatdNodes, valkey: ValkeyProcess,
+                     env: Mapping[str, str] | None = None) -> ChatdNode:
+    (node,) = await chatd_nodes.start(1, redis_url=valkey, env={**FAST_ENV, **(env or {})})
+    return node
+
+
+async def request(ws: Ws, frame: dict[str, Any]) -> dict[str, Any]:
+    rid = f"r-{secrets.token_hex(4)}"
+    await ws.send({**frame, "id": rid})
+    return await ws.wait_for(lambda f: f.get("id") == rid)
+
+
+async def settle(ws: Ws) -> None:
+    """Frames of one connection are processed in order: a pong means the ones before
+    it are done."""
+    assert (await request(ws, {"type": "ping"}))["type"] == "pong"
+
+
+async def status_of(api: Api, user: User, room: str, seq: int) -> dict[str, Any]:
+    status, body = await api.call("GET", f"/api/v1/rooms/{room}/messages/{seq}", user=user)
+    assert status == 200, (status, body)
+    return dict(body)
+
+
+async def receipts_of(api: Api, user: User, room: str) -> dict[str, tuple[int, int]]:
+    status, body = await api.call("GET", f"/api/v1/rooms/{room}/receipts", user=user)
+    assert status == 200, (status, body)
+    out = {r["user_id"]: (r["delivered_seq"], r["read_seq"]) for r in body["receipts"]}
+    assert len(out) == len(body["receipts"])
+    return out
+
+
+async def unread_of(api: Api, user: User) -> dict[str, tuple[int, int, int | None]]:
+    """room_id -> (last_seq, unread, seq of last_message)."""
+    status, body = await api.call("GET", "/api/v1/rooms", user=user)
+    assert status == 200, (status, body)
+    return {r["room_id"]: (r["last_seq"], r["unread"],
+                           r["last_message"]["seq"] if r["last_message"] else None)
+            for r in body["rooms"]}
+
+
+def receipts_from(ws: Ws, user: User) -> list[tuple[int, int]]:
+    return [(f["delivered_seq"], f["read_seq"]) for f in ws.of_type("receipt")
+            if f["user_id"] == user.user_id]
+
+
+async def test_direct_room_sent_delivered_read(
+        valkey: ValkeyProcess, chatd_nodes: ChatdNodes) -> None:
+    node = await start_node(chatd_nodes, valkey)
+    async with aiohttp.ClientSession() as http:
+        api = Api(http, node.url)
+        alice, bob = await api.register(), await api.register()
+        room = await api.direct(alice, bob)
+        alice_ws = await connect(http, node.ws_url, alice)
+        bob_ws = await connect(http, node.ws_url, bob)
+        bob_other = await connect(http, node.ws_url, bob)
+
+        # Sent: acked, stored, status "sent".
+        for i in range(3):
+            ack = await alice_ws.send_message(room, f"m{i}")
+            assert ack["type"] == "ack" and ack["seq"] == i + 1
+        msg = await status_of(api, alice, room, 1)
+        assert msg["status"] == "sent"
+        assert (msg["seq"], msg["body"], msg["sender_id"]) == (1, "m0", alice.user_id)
+        assert msg["receipts"] == [{"user_id": bob.user_id, "delivered": False, "read": False}]
+        await bob_ws.wait_messages(room, 3)
+
+        # Delivered: no reply to bob, a receipt to the room (bob's other connection too).
+        await bob_ws.send({"type": "delivered", "room_id": room, "seq": 2})
+        receipt = await alice_ws.wait_type("receipt", user_id=bob.user_id)
+        assert receipt == {"type": "receipt", "room_id": room, "user_id": bob.user_id,
+                           "delivered_seq": 2, "read_seq": 0}
+        await bob_other.wait_type("receipt", user_id=bob.user_id, delivered_seq=2)
+        assert (await status_of(api, alice, room, 1))["status"] == "delivered"
+        assert (await status_of(api, alice, room, 2))["receipts"] == [
+            {"user_id": bob.user_id, "delivered": True, "read": False}]
+        assert (await status_of(api, alice, room, 3))["status"] == "sent"
+
+        # Read: up to 1 only.
+        await bob_ws.send({"type": "read", "room_id": room, "seq": 1})
+        await alice_ws.wait_type("receipt", user_id=bob.user_id, read_seq=1)
+        assert [(await status_of(api, alice, room, s))["status"] for s in (1, 2, 3)] == [
+            "read", "delivered", "sent"]
+        # Read implies delivered: reading 3 moves both.
+        await bob_other.send({"type": "read", "room_id": room, "seq": 3})
+        receipt = await alice_ws.wait_type("receipt", user_id=bob.user_id, read_seq=3)
+        assert receipt["delivered_seq"] == 3
+        assert [(await status_of(api, alice, room, s))["status"] for s in (1, 2, 3)] == [
+            "read"] * 3
+        assert (await status_of(api, bob, room, 3))["receipts"] == [
+            {"user_id": bob.user_id, "delivered": True, "read": True}]
+        assert await receipts_of(api, alice, room) == {alice.user_id: (0, 0),
+                                                       bob.user_id: (3, 3)}
+        # Success gets no reply on the WebSocket.
+        await settle(bob_ws)
+        assert not bob_ws.of_type("error") and not bob_ws.of_type("ack")
+        assert receipts_from(alice_ws, bob) == [(2, 0), (2, 1), (3, 3)]
+        for w in (alice_ws, bob_ws, bob_other):
+            await w.close()
+    assert_clean_logs(node)
+
+
+async def test_group_status_needs_every_other_member(
+        valkey: ValkeyProcess, chatd_nodes: ChatdNodes) -> None:
+    node = await start_node(chatd_nodes, valkey)
+    async with aiohttp.ClientSession() as http:
+        api = Api(http, node.url)
+        users = [await api.register() for _ in range(5)]
+        alice, others = users[0], users[1:]
+        room = await api.group(alice, others)
+        conns = {u.user_id: await connect(http, node.ws_url, u) for u in users}
+        alice_ws = conns[alice.user_id]
+
+        ack = await alice_ws.send_message(room, "to all")
+        assert ack["seq"] == 1
+        msg = await status_of(api, alice, room, 1)
+        assert msg["status"] == "sent"
+        assert sorted(r["user_id"] for r in msg["receipts"]) == sorted(u.user_id
+                                                                       for u in others)
+
+        async def mark(user: User, kind: str) -> None:
+            ws = conns[user.user_id]
+            await ws.send({"type": kind, "room_id": room, "seq": 1})
+            await alice_ws.wait_type("receipt", user_id=user.user_id,
+                                     read_seq=1 if kind == "read" else 0)
+
+        for i, user in enumerate(others):
+            await mark(user, "delivered")
+            msg = await status_of(api, alice, room, 1)
+            expected = "delivered" if i == len(others) - 1 else "sent"
+            assert msg["status"] == expected, (i, msg)
+            assert sum(r["delivered"] for r in msg["receipts"]) == i + 1
+            assert not any(r["read"] for r in msg["receipts"])
+        for i, user in enumerate(others):
+            await mark(user, "read")
+            msg = await status_of(api, alice, room, 1)
+            expected = "read" if i == len(others) - 1 else "delivered"
+            assert msg["status"] == expected, (i, msg)
+            assert sum(r["read"] for r in msg["receipts"]) == i + 1
+
+        # Every member heard every receipt, the movers' own connections included.
+        for user in users:
+            got = {f["user_id"] for f in conns[user.user_id].of_type("receipt")}
+            if got != {u.user_id for u in others}:
+                await asyncio.sleep(0.5)
+                got = {f["user_id"] for f in conns[user.user_id].of_type("receipt")}
+            assert got == {u.user_id for u in others}, user
+        # The receipts list has every member, the sender too.
+        marks = await receipts_of(api, others[2], room)
+        assert marks == {alice.user_id: (0, 0)} | {u.user_id: (1, 1) for u in others}
+        # Status is about the sender's message, whoever asks.
+        assert (await status_of(api, others[0], room, 1))["status"] == "read"
+        # A new message starts at "sent" again.
+        ack = await conns[others[0].user_id].send_message(room, "reply")
+        msg = await status_of(api, others[0], room, 2)
+        assert msg["status"] == "sent" and msg["sender_id"] == others[0].user_id
+        assert sorted(r["user_id"] for r in msg["receipts"]) == sorted(
+            u.user_id for u in users if u is not others[0])
+        for ws in conns.values():
+            await ws.close()
+    assert_clean_logs(node)
+
+
+async def test_watermarks_never_go_backwards_and_bad_seqs_are_refused(
+        valkey: ValkeyProcess, chatd_nodes: ChatdNodes) -> None:
+    node = await start_node(chatd_nodes, valkey)
+    async with aiohttp.ClientSession() as http:
+        api = Api(http, node.url)
+        alice, bob, carol = [await api.register() for _ in range(3)]
+        room = await api.direct(alice, bob)
+        alice_ws = await connect(http, node.ws_url, alice)
+        bob_ws = await connect(http, node.ws_url, bob)
+        carol_ws = await connect(http, node.ws_url, carol)
+        for i in range(5):
+            await alice_ws.send_message(room, f"m{i}")
+
+        await bob_ws.send({"type": "read", "room_id": room, "seq": 3})
+        await alice_ws.wait_type("receipt", user_id=bob.user_id, read_seq=3)
+        # At or below the watermark: a no-op, no error, no receipt.
+        for kind, seq in [("delivered", 1), ("delivered", 3), ("read", 2), ("read", 3),
+                          ("read", 0), ("delivered", 0)]:
+            await bob_ws.send({"type": kind, "id": f"noop-{kind}-{seq}", "room_id": room,
+                               "seq": seq})
+        await settle(bob_ws)
+        assert not [f for f in bob_ws.frames if str(f.get("id")).startswith("noop")]
+        assert await receipts_of(api, alice, room) == {alice.user_id: (0, 0),
+                                                       bob.user_id: (3, 3)}
+        # Delivered may run ahead of read; read behind it leaves delivered alone.
+        await bob_ws.send({"type": "delivered", "room_id": room, "seq": 5})
+        await alice_ws.wait_type("receipt", user_id=bob.user_id, delivered_seq=5)
+        await bob_ws.send({"type": "read", "room_id": room, "seq": 4})
+        await alice_ws.wait_type("receipt", user_id=bob.user_id, read_seq=4)
+        assert receipts_from(alice_ws, bob) == [(3, 3), (5, 3), (5, 4)]
+        assert await receipts_of(api, bob, room) == {alice.user_id: (0, 0),
+                                                     bob.user_id: (5, 4)}
+
+        # Above the room's last seq: bad_request echoing id, nothing moves.
+        for kind in ("delivered", "read"):
+            reply = await request(bob_ws, {"type": kind, "room_id": room, "seq": 6})
+            assert reply["type"] == "error" and reply["code"] == "bad_request", reply
+        # A non-member: not_found, nothing recorded for it.
+        for kind in ("delivered", "read"):
+            reply = await request(carol_ws, {"type": kind, "room_id": room, "seq": 1})
+            assert reply["type"] == "error" and reply["code"] == "not_found", reply
+        status, _ = await api.call("GET", f"/api/v1/rooms/{room}/receipts", user=carol)
+        assert status == 404
+        status, _ = await api.call("GET", f"/api/v1/rooms/{room}/messages/1", user=carol)
+        assert status == 404
+        await settle(bob_ws)
+        assert await receipts_of(api, alice, room) == {alice.user_id: (0, 0),
+                                                       bob.user_id: (5, 4)}
+        assert receipts_from(alice_ws, bob) == [(3, 3), (5, 3), (5, 4)]
+        assert not carol_ws.of_type("receipt")
+        for w in (alice_ws, bob_ws, carol_ws):
+            await w.close()
+    assert_clean_logs(node)
+
+
+async def test_welcome_on_reconnect_carries_the_watermarks(
+        valkey: ValkeyProcess, chatd_nodes: ChatdNodes) -> None:
+    node = await start_node(chatd_nodes, valkey)
+    async with aiohttp.ClientSession() as http:
+        api = Api(http, node.url)
+        alice, bob = await api.register(), await api.register()
+        room = await api.direct(alice, bob)
+        group = await api.group(bob, [alice])
+        alice_ws = await connect(http, node.ws_url, alice)
+        for i in range(4):
+            await alice_ws.send_message(room, f"m{i}")
+        await alice_ws.send_message(group, "g")
+        bob_ws = await connect(http, node.ws_url, bob)
+        await bob_ws.send({"type": "delivered", "room_id": room, "seq": 4})
+        await bob_ws.send({"type": "read", "room_id": room, "seq": 2})
+        await settle(bob_ws)
+        await bob_ws.close()
+
+        # Another device of the same user sees the same per-user watermarks.
+        device = await api.login(bob.username)
+        again = await connect(http, node.ws_url, device)
+        rooms = {r["room_id"]: r for r in again.of_type("welcome")[0]["rooms"]}
+        assert rooms[room] == {"room_id": room, "last_seq": 4, "read_seq": 2,
+                               "delivered_seq": 4}
+        assert rooms[group] == {"room_id": group, "last_seq": 1, "read_seq": 0,
+                                "delivered_seq": 0}
+        # ... and moves them for the user as a whole.
+        await again.send({"type": "read", "room_id": group, "seq": 1})
+        await settle(again)
+        third = await connect(http, node.ws_url, bob)
+        rooms = {r["room_id"]: r for r in third.of_type("welcome")[0]["rooms"]}
+        assert (rooms[group]["read_seq"], rooms[group]["delivered_seq"]) == (1, 1)
+        for w in (alice_ws, again, third):
+            await w.close()
+    assert_clean_logs(node)
+
+
+async def test_unread_counts_follow_read_seq(
+        valkey: ValkeyProcess, chatd_nodes: ChatdNodes) -> None:
+    node = await start_node(chatd_nodes, valkey)
+    async with aiohttp.ClientSession() as http:
+        api = Api(http, node.url)
+        alice, bob = await api.register(), await api.register()
+        room = await api.direct(alice, bob)
+        empty = await api.group(bob, [alice], name="quiet")
+        alice_ws = await connect(http, node.ws_url, alice)
+        bob_ws = await connect(http, node.ws_url, bob)
+
+        assert (await unread_of(api, bob))[room] == (0, 0, None)
+        for i in range(3):
+            await alice_ws.send_message(room, f"a{i}")
+        await bob_ws.send_message(room, "b")  # seq 4: bob's own, never unread for him
+        await alice_ws.send_message(room, "a3")  # seq 5
+        bob_view = await unread_of(api, bob)
+        assert bob_view[room] == (5, 4, 5)
+        assert bob_view[empty] == (0, 0, None)
+        assert (await unread_of(api, alice))[room] == (5, 1, 5)
+
+        # Delivered does not touch unread; read does.
+        await bob_ws.send({"type": "delivered", "room_id": room, "seq": 5})
+        await settle(bob_ws)
+        assert (await unread_of(api, bob))[room] == (5, 4, 5)
+        await bob_ws.send({"type": "read", "room_id": room, "seq": 2})
+        await settle(bob_ws)
+        assert (await unread_of(api, bob))[room] == (5, 2, 5)
+        await bob_ws.send({"type": "read", "room_id": room, "seq": 4})
+        await settle(bob_ws)
+        assert (await unread_of(api, bob))[room] == (5, 1, 5)
+        await bob_ws.send({"type": "read", "room_id": room, "seq": 5})
+        await settle(bob_ws)
+        assert (await unread_of(api, bob))[room] == (5, 0, 5)
+        # A lower read afterwards changes nothing.
+        await bob_ws.send({"type": "read", "room_id": room, "seq": 1})
+        await settle(bob_ws)
+        assert (await unread_of(api, bob))[room] == (5, 0, 5)
+        # Alice reads bob's message.
+        await alice_ws.send({"type": "read", "room_id": room, "seq": 4})
+        await settle(alice_ws)
+        assert (await unread_of(api, alice))[room] == (5, 0, 5)
+        for w in (alice_ws, bob_ws):
+            await w.close()
+    assert_clean_logs(node)

@@ -1,0 +1,160 @@
+"""chatd.conn.Conn ordering logic without a socket: offer / accept / drain_backlog keep
+each room's frames in strictly increasing seq with no gap, and the queue bound closes
+with 4009 (resume required) rather than skip. The writer task is never started."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from chatd.conn import Conn, Cursor
+from chatd.protocol import CLOSE_RESUME_REQUIRED
+
+ROOM = "room-a"
+OTHER = "room-b"
+
+
+def f(seq: int, room: str = ROOM) -> bytes:
+    return f'{{"type":"message","room_id":"{room}","seq":{seq}}}'.encode()
+
+
+def make(max_queue: int = 100, rooms: dict[str, int] | None = None) -> Conn:
+    """A conn whose cursors are live (not filling) at the given next seqs."""
+    dummy_ws: Any = object()
+    conn = Conn(dummy_ws, "user", "session", max_queue)
+    for room_id, next_seq in (rooms or {ROOM: 1}).items():
+        cur = Cursor()
+        cur.next = next_seq
+        cur.filling = False
+        conn.cursors[room_id] = cur
+    return conn
+
+
+def test_new_cursor_waits_for_its_start() -> None:
+    cur = Cursor()
+    assert cur.filling and cur.backlog == []
+    conn = make(rooms={})
+    conn.cursors[ROOM] = cur
+    assert conn.offer(ROOM, 5, f(5)) is False  # held, not sent, no fill requested
+    assert list(conn.queue) == [] and cur.backlog == [(5, f(5))]
+    cur.next = 5  # what go_live does once the position is known
+    assert conn.drain_backlog(cur) is None
+    assert list(conn.queue) == [f(5)] and not cur.filling and cur.next == 6
+
+
+def test_in_order_frames_go_straight_out() -> None:
+    conn = make()
+    for seq in (1, 2, 3):
+        assert conn.offer(ROOM, seq, f(seq)) is False
+    assert list(conn.queue) == [f(1), f(2), f(3)]
+    assert conn.cursors[ROOM].next == 4
+
+
+def test_duplicates_and_old_frames_are_dropped() -> None:
+    conn = make(rooms={ROOM: 3})
+    assert conn.offer(ROOM, 1, f(1)) is False
+    assert conn.offer(ROOM, 2, f(2)) is False
+    assert conn.offer(ROOM, 3, f(3)) is False
+    assert conn.offer(ROOM, 3, f(3)) is False
+    assert conn.offer(ROOM, 2, f(2)) is False
+    assert list(conn.queue) == [f(3)]
+    assert conn.cursors[ROOM].next == 4 and not conn.cursors[ROOM].filling
+
+
+def test_unknown_room_is_ignored() -> None:
+    conn = make()
+    assert conn.offer(OTHER, 1, f(1, OTHER)) is False
+    assert list(conn.queue) == []
+    assert OTHER not in conn.cursors
+
+
+def test_gap_holds_and_asks_for_one_fill() -> None:
+    conn = make()
+    cur = conn.cursors[ROOM]
+    assert conn.offer(ROOM, 1, f(1)) is False
+    assert conn.offer(ROOM, 3, f(3)) is True  # seq 2 is missing: start a fill
+    assert cur.filling
+    # While filling, later frames (and repeats) are held, with no second fill request.
+    assert conn.offer(ROOM, 4, f(4)) is False
+    assert conn.offer(ROOM, 3, f(3)) is False
+    assert list(conn.queue) == [f(1)]
+    # Nothing may go out while 2 is missing.
+    assert conn.drain_backlog(cur) == 2
+    assert list(conn.queue) == [f(1)] and cur.filling
+    # The fill reads 2 from the log, then the backlog drains in order, once each.
+    conn.accept(cur, 2, f(2))
+    assert conn.drain_backlog(cur) is None
+    assert list(conn.queue) == [f(1), f(2), f(3), f(4)]
+    assert not cur.filling and cur.backlog == [] and cur.next == 5
+    # Live again.
+    assert conn.offer(ROOM, 5, f(5)) is False
+    assert list(conn.queue)[-1] == f(5)
+
+
+def test_backlog_out_of_order_drains_sorted_and_keeps_the_rest_behind_a_new_gap() -> None:
+    conn = make()
+    cur = conn.cursors[ROOM]
+    assert conn.offer(ROOM, 4, f(4)) is True
+    for seq in (7, 3, 5, 2):
+        assert conn.offer(ROOM, seq, f(seq)) is False
+    conn.accept(cur, 1, f(1))
+    assert conn.drain_backlog(cur) == 6  # 1..5 out, 6 still missing
+    assert list(conn.queue) == [f(s) for s in (1, 2, 3, 4, 5)]
+    assert cur.filling and [s for s, _ in cur.backlog] == [7]
+    conn.accept(cur, 6, f(6))
+    assert conn.drain_backlog(cur) is None
+    assert list(conn.queue) == [f(s) for s in range(1, 8)]
+
+
+def test_accept_skips_what_was_sent_already() -> None:
+    conn = make(rooms={ROOM: 4})
+    cur = conn.cursors[ROOM]
+    cur.filling = True
+    conn.accept(cur, 2, f(2))
+    conn.accept(cur, 3, f(3))
+    assert list(conn.queue) == []
+    conn.accept(cur, 4, f(4))
+    conn.accept(cur, 4, f(4))
+    assert list(conn.queue) == [f(4)] and cur.next == 5
+
+
+def test_rooms_are_independent() -> None:
+    conn = make(rooms={ROOM: 1, OTHER: 10})
+    assert conn.offer(ROOM, 2, f(2)) is True  # a gap in ROOM ...
+    assert conn.offer(OTHER, 10, f(10, OTHER)) is False  # ... does not hold OTHER
+    assert conn.offer(OTHER, 11, f(11, OTHER)) is False
+    assert list(conn.queue) == [f(10, OTHER), f(11, OTHER)]
+    assert conn.cursors[ROOM].filling and not conn.cursors[OTHER].filling
+
+
+def test_full_queue_closes_4009_and_drops_the_rest() -> None:
+    conn = make(max_queue=3)
+    for seq in (1, 2, 3):
+        conn.offer(ROOM, seq, f(seq))
+    assert conn.close_code is None and len(conn.queue) == 3
+    conn.offer(ROOM, 4, f(4))
+    assert conn.close_code == CLOSE_RESUME_REQUIRED and conn.closing
+    assert list(conn.queue) == []  # the client resumes from the log anyway
+    conn.push(b'{"type":"pong"}')
+    conn.offer(ROOM, 5, f(5))
+    assert list(conn.queue) == []
+
+
+def test_full_backlog_closes_4009() -> None:
+    conn = make(max_queue=2)
+    assert conn.offer(ROOM, 3, f(3)) is True
+    conn.offer(ROOM, 4, f(4))
+    assert conn.close_code is None
+    conn.offer(ROOM, 5, f(5))
+    assert conn.close_code == CLOSE_RESUME_REQUIRED
+
+
+def test_close_keeps_the_first_code_and_flush_keeps_the_queue() -> None:
+    conn = make()
+    conn.push(b"a")
+    conn.push(b"b")
+    conn.close(1001, flush=True)
+    assert conn.close_code == 1001 and list(conn.queue) == [b"a", b"b"]
+    conn.close(CLOSE_RESUME_REQUIRED)
+    assert conn.close_code == 1001
+    conn.push(b"c")
+    assert list(conn.queue) == [b"a", b"b"]
