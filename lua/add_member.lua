@@ -38,13 +38,8 @@ local max_members = tonumber(ARGV[6])
 local maxlen = ARGV[7]
 local frame = ARGV[8]
 
-local actor_role = redis.call('HGET', members, actor)
-if not actor_role then
-  return redis.error_reply('CHATD_NOT_FOUND no such room')
-end
-if redis.call('HGET', room, 'kind') ~= 'group' then
-  return redis.error_reply('CHATD_FORBIDDEN the members of a direct room never change')
-end
+local actor_role, refused = group_role(room, members, actor)
+if refused then return refused end
 if not can_manage(actor_role, role) then
   return redis.error_reply('CHATD_FORBIDDEN your role in this room cannot add a ' .. role)
 end

@@ -31,13 +31,8 @@ local subject = ARGV[3]
 local maxlen = ARGV[4]
 local frame = ARGV[5]
 
-local actor_role = redis.call('HGET', members, actor)
-if not actor_role then
-  return redis.error_reply('CHATD_NOT_FOUND no such room')
-end
-if redis.call('HGET', room, 'kind') ~= 'group' then
-  return redis.error_reply('CHATD_FORBIDDEN the members of a direct room never change')
-end
+local actor_role, refused = group_role(room, members, actor)
+if refused then return refused end
 if subject ~= actor then
   if not can_manage(actor_role, 'member') then
     return redis.error_reply('CHATD_FORBIDDEN only the owner or an admin can remove members')
