@@ -1,0 +1,1 @@
+"""chatd benchmark harness: ``python -m bench run --scenario rooms`` (see bench/README.md)."""

