@@ -88,6 +88,7 @@ class Broker:
 
     async def handle_batch(self, batch: list[tuple[str, list[
             tuple[bytes, dict[bytes, bytes] | None]]]], cursors: dict[str, str]) -> None:
+        handled: list[tuple[str, list[bytes]]] = []
         for stream, entries in batch:
             if not entries:
                 if cursors.get(stream) == "0":
@@ -100,12 +101,17 @@ class Broker:
                         self.fanout.handle(fields, control=control)
                     except (KeyError, ValueError) as e:
                         log.warning("malformed inbox entry", extra={"error": repr(e)})
+            handled.append((stream, [entry_id for entry_id, _ in entries]))
             self.node.metrics.inbox_entries.inc(len(entries))
-            ids = [entry_id for entry_id, _ in entries]
-            async with self.node.redis.cmd.pipeline(transaction=False) as pipe:
+        if not handled:
+            return
+        # One round trip for the whole batch; on the log-read client, so the acks
+        # do not queue behind client sends for a connection of the command pool.
+        async with self.node.redis.raw.pipeline(transaction=False) as pipe:
+            for stream, ids in handled:
                 pipe.xack(stream, GROUP, *ids)
                 pipe.xdel(stream, *ids)
-                await pipe.execute()
+            await pipe.execute()
 
     # --- liveness -------------------------------------------------------------
 

@@ -15,6 +15,7 @@ import logging
 from collections import deque
 
 from aiohttp import WSMsgType, web
+from prometheus_client import Counter
 
 from chatd.protocol import CLOSE_RESUME_REQUIRED
 
@@ -39,11 +40,11 @@ class Cursor:
 
 
 class Conn:
-    __slots__ = ("_task", "_wake", "close_code", "cursors", "max_queue", "on_close", "queue",
+    __slots__ = ("_task", "_wake", "close_code", "cursors", "frames_out", "max_queue", "queue",
                  "session_id", "user_id", "ws")
 
     def __init__(self, ws: web.WebSocketResponse, user_id: str, session_id: str,
-                 max_queue: int) -> None:
+                 max_queue: int, frames_out: Counter | None = None) -> None:
         self.ws = ws
         self.user_id = user_id
         self.session_id = session_id
@@ -53,6 +54,7 @@ class Conn:
         self.close_code: int | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self.frames_out = frames_out
 
     @property
     def closing(self) -> bool:
@@ -152,11 +154,16 @@ class Conn:
         while True:
             await self._wake.wait()
             self._wake.clear()
+            sent = 0
             try:
                 while self.queue:
                     await ws.send_frame(self.queue.popleft(), WSMsgType.TEXT)
+                    sent += 1
             except (ConnectionError, RuntimeError):
                 return  # the peer is gone; the reader notices and cleans up
+            finally:
+                if self.frames_out is not None:
+                    self.frames_out.inc(sent)
             if self.close_code is not None:
                 await ws.close(code=self.close_code)
                 return

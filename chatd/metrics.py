@@ -13,7 +13,7 @@ class Metrics:
         r = self.registry
         self.connections = Gauge("chatd_connections", "Open WebSocket connections", registry=r)
         self.frames_in = Counter("chatd_frames_in", "WebSocket frames received", registry=r)
-        self.frames_out = Counter("chatd_frames_out", "WebSocket frames queued to clients",
+        self.frames_out = Counter("chatd_frames_out", "WebSocket frames sent to clients",
                                   registry=r)
         self.sends = Counter("chatd_sends", "Messages accepted (acked)", ["duplicate"],
                              registry=r)

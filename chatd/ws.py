@@ -77,7 +77,8 @@ async def _session(request: web.Request, ws: web.WebSocketResponse, node: Node) 
         await _refuse(ws, e, hello.id)
         return
     fanout = request.app[FANOUT]
-    conn = Conn(ws, principal.user_id, principal.session_id, node.settings.limits.send_queue_max)
+    conn = Conn(ws, principal.user_id, principal.session_id, node.settings.limits.send_queue_max,
+                node.metrics.frames_out)
     first = fanout.add_conn(conn)
     try:
         await presence.opened(node, conn.user_id, first)
