@@ -273,6 +273,7 @@ function renderConnState(state) {
 }
 
 function onWelcome(welcome) {
+  for (const p of welcome.presence ?? []) online.set(p.user_id, p.online); // who is on now
   const listed = new Set(welcome.rooms.map((r) => r.room_id));
   for (const id of rooms.keys()) if (!listed.has(id)) dropRoom(id); // removed while away
   for (const mark of welcome.rooms) {

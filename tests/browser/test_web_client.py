@@ -185,6 +185,11 @@ async def test_two_users_chat_across_nodes_in_the_browser(
     # Read: Bob opens the room, and the message is on his screen.
     await bob_room.click()
     await expect(bob.get_by_test_id("message-body")).to_have_text(["hi bob"])
+    # Bob's view names Alice (members carry usernames) and shows her online: she was
+    # online before Bob reconnected, so that came in his welcome, not a presence frame.
+    await expect(bob.get_by_test_id("chat-title")).to_have_text(alice_name)
+    await expect(bob.get_by_test_id("chat-presence")).to_have_attribute("data-presence",
+                                                                        "online")
     await expect(tick(alice, "hi bob")).to_have_attribute("data-status", "read")
     await expect(bob_room.get_by_test_id("room-unread")).to_have_count(0)
 
