@@ -40,8 +40,8 @@ class Cursor:
 
 
 class Conn:
-    __slots__ = ("_task", "_wake", "close_code", "cursors", "frames_out", "max_queue", "queue",
-                 "session_id", "user_id", "ws")
+    __slots__ = ("_roomy", "_task", "_wake", "close_code", "cursors", "frames_out", "max_queue",
+                 "queue", "session_id", "user_id", "ws")
 
     def __init__(self, ws: web.WebSocketResponse, user_id: str, session_id: str,
                  max_queue: int, frames_out: Counter | None = None) -> None:
@@ -53,6 +53,8 @@ class Conn:
         self.queue: deque[bytes] = deque()
         self.close_code: int | None = None
         self._wake = asyncio.Event()
+        self._roomy = asyncio.Event()  # set while the queue is at most half full (or closing)
+        self._roomy.set()
         self._task: asyncio.Task[None] | None = None
         self.frames_out = frames_out
 
@@ -70,7 +72,19 @@ class Conn:
             self.close(CLOSE_RESUME_REQUIRED)
             return
         self.queue.append(frame)
+        if len(self.queue) > self.max_queue // 2:
+            self._roomy.clear()
         self._wake.set()
+
+    def free(self) -> int:
+        """How many more frames the queue takes before the connection must close."""
+        return self.max_queue - len(self.queue)
+
+    async def roomy(self) -> None:
+        """Wait until the queue is at most half full, or the connection is closing: reading
+        the room log (a resume, a gap) goes at the pace the client reads, rather than
+        overflowing the queue with a page and closing a client that was keeping up."""
+        await self._roomy.wait()
 
     def push_first(self, frame: bytes) -> None:
         self.queue.appendleft(frame)
@@ -130,6 +144,7 @@ class Conn:
             if not flush:
                 self.queue.clear()
             self._wake.set()
+            self._roomy.set()
 
     async def closed(self, timeout_s: float) -> None:
         """Wait for the writer to finish a requested close."""
@@ -139,6 +154,7 @@ class Conn:
     async def stop(self) -> None:
         """End the writer. A requested close may finish its handshake first, so the
         client reads our close code rather than a dropped connection."""
+        self._roomy.set()  # a fill waiting for room finds the connection gone and ends
         task = self._task
         if task is not None:
             if self.close_code is not None:
@@ -159,6 +175,8 @@ class Conn:
                 while self.queue:
                     await ws.send_frame(self.queue.popleft(), WSMsgType.TEXT)
                     sent += 1
+                    if len(self.queue) <= self.max_queue // 2:
+                        self._roomy.set()
             except (ConnectionError, RuntimeError):
                 return  # the peer is gone; the reader notices and cleans up
             finally:

@@ -149,7 +149,9 @@ class Fanout:
                 await self._read_log(conn, room_id, cur, target)
                 if conn.drain_backlog(cur) is None:
                     return
-        except (ChatError, RedisError, OSError) as e:
+        except (ChatError, RedisError, OSError, RuntimeError) as e:
+            # RuntimeError: redis-py (cluster) may close a connection under a command in
+            # flight during a failover; uncaught, this cursor would stay "filling" for ever.
             # Without the log we cannot promise "no gap": ask the client to resume.
             log.warning("gap fill failed", extra={"room_id": room_id, "error": repr(e)})
             conn.close(CLOSE_RESUME_REQUIRED)
@@ -158,11 +160,19 @@ class Fanout:
         p = keys.partition_of(room_id, self.node.partitions)
         log_key = keys.room_log(p, room_id)
         while cur.next <= target and not conn.closing and conn.cursors.get(room_id) is cur:
+            await conn.roomy()  # backpressure: a page never overflows the queue by itself
+            if conn.closing or conn.cursors.get(room_id) is not cur:
+                return
+            count = min(_PAGE, max(1, conn.free()))
             entries = await self.node.redis.raw.xrange(
-                log_key, f"{cur.next}-0", f"{target}-0", count=_PAGE)
+                log_key, f"{cur.next}-0", f"{target}-0", count=count)
+            taken = 0
             for entry_id, fields in entries:
+                if conn.free() <= 0:  # other rooms' fills took the room meanwhile
+                    break
                 conn.accept(cur, int(entry_id.split(b"-", 1)[0]), message_frame(fields[b"m"]))
-            if len(entries) < _PAGE:
+                taken += 1
+            if taken == len(entries) < count:
                 cur.next = max(cur.next, target + 1)  # trimmed by retention: gone for everyone
 
     # --- inbox entries --------------------------------------------------------
@@ -222,7 +232,7 @@ class Fanout:
             await self._ensure_interest(room_id)
             p = keys.partition_of(room_id, self.node.partitions)
             last = int(await self.node.redis.cmd.hget(keys.room(p, room_id), "seq") or 0)
-        except (ChatError, RedisError, OSError) as e:
+        except (ChatError, RedisError, OSError, RuntimeError) as e:  # RuntimeError: see _fill
             log.warning("live join failed", extra={"room_id": room_id, "error": repr(e)})
             conn.close(CLOSE_RESUME_REQUIRED)
             return

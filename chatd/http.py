@@ -82,8 +82,16 @@ async def read_json(request: web.Request) -> dict[str, Any]:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise ChatError("bad_request", "body is not valid JSON") from None
+    except RecursionError:
+        raise ChatError("bad_request", "body is nested too deeply") from None
     if not isinstance(body, dict):
         raise ChatError("bad_request", "body must be a JSON object")
+    try:  # json.loads lets "\ud800" escapes through: such strings cannot be stored
+        json.dumps(body, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise ChatError("bad_request", "body contains unpaired surrogates") from None
+    except RecursionError:
+        raise ChatError("bad_request", "body is nested too deeply") from None
     return body
 
 

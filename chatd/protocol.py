@@ -96,7 +96,8 @@ class FrameError(Exception):
 def decode(data: bytes | str, max_body_chars: int) -> ClientFrame:
     try:
         frame: ClientFrame = _decoder.decode(data)
-    except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError) as e:
+    except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError,
+            RecursionError) as e:  # RecursionError: nested deeper than msgspec's limit
         raise FrameError(_explain(e), _request_id(data)) from None
     if isinstance(frame, Send):
         _check_body(frame, max_body_chars)
@@ -124,7 +125,7 @@ def _is_utf8(text: str) -> bool:
 def _request_id(data: bytes | str) -> str | None:
     try:
         raw = _raw_decoder.decode(data)
-    except (msgspec.DecodeError, UnicodeDecodeError):
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         return None
     if isinstance(raw, dict):
         rid = raw.get("id")
@@ -137,6 +138,8 @@ def _explain(e: Exception) -> str:
     text = str(e)
     if isinstance(e, UnicodeDecodeError):
         return "frame is not valid UTF-8"
+    if isinstance(e, RecursionError):
+        return "frame is nested too deeply"
     if not isinstance(e, msgspec.ValidationError):  # ValidationError subclasses DecodeError
         return "frame is not valid JSON"
     if text.startswith("Invalid value") and "$.type" in text:
