@@ -50,6 +50,7 @@ async def _node_ctx(app: web.Application) -> AsyncIterator[None]:
     async with contextlib.AsyncExitStack() as stack:
         stack.callback(claim_data_dir(settings.data_path).close)
         url = settings.redis.url
+        embedded: EmbeddedValkey | None = None
         if url == "embedded" and not settings.redis.cluster_nodes:
             embedded = EmbeddedValkey(settings.data_path,
                                       binary=settings.embedded.binary or None,
@@ -59,7 +60,8 @@ async def _node_ctx(app: web.Application) -> AsyncIterator[None]:
         redis = await redisconn.connect(settings, url)
         stack.push_async_callback(redis.close)
         metrics = Metrics()
-        scripts = Scripts(redis.cmd, metrics)
+        scripts = Scripts(redis.cmd, metrics, settle_s=settings.redis.socket_timeout_s,
+                          master_client=redis.master_client if redis.is_cluster else None)
         node = Node(settings=settings, node_id=node_id_for(settings), redis=redis,
                     scripts=scripts, metrics=metrics)
         stack.push_async_callback(node.stop_loops)
@@ -73,9 +75,13 @@ async def _node_ctx(app: web.Application) -> AsyncIterator[None]:
         broker = Broker(node, fanout, on_fenced=_fenced(node, fanout))
         await broker.join()
         node.add_loop(Loop("redis-probe", _probe(node), metrics, interval_s=_PROBE_INTERVAL_S))
+        if embedded is not None:
+            node.add_loop(Loop("embedded-valkey", _supervise(embedded, settings), metrics,
+                               interval_s=_PROBE_INTERVAL_S))
         for loop in broker.loops():
             node.add_loop(loop)
-        node.add_loop(Loop("janitor", Janitor(node).step, metrics,
+        janitor = Janitor(node, alive_since=lambda: broker.beating_since)
+        node.add_loop(Loop("janitor", janitor.step, metrics,
                            interval_s=settings.fanout.janitor_interval_s))
         log.info("node started", extra={
             "node_id": node.node_id,
@@ -114,6 +120,19 @@ def _fenced(node: Node, fanout: Fanout) -> Callable[[], Awaitable[None]]:
         await cleanup_node(node, node.node_id)
 
     return fenced
+
+
+def _supervise(embedded: EmbeddedValkey, settings: Settings) -> Callable[[], Awaitable[None]]:
+    """Start the embedded server again if it died under us (OOM killer, crash, kill -9):
+    same data dir and AOF, same unix socket, so the Redis clients reconnect by themselves
+    and the node becomes ready again without a restart. Loops stop before the server is
+    stopped at shutdown, so this never fights a deliberate stop."""
+    async def check() -> None:
+        if embedded.pid is None:
+            log.warning("embedded valkey exited; starting it again")
+            await embedded.start(timeout_s=settings.redis.startup_timeout_s)
+
+    return check
 
 
 def _probe(node: Node) -> Callable[[], Awaitable[None]]:

@@ -12,6 +12,7 @@ cluster the streams live in different slots, so each gets its own reader.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from redis.exceptions import ResponseError
@@ -35,6 +36,9 @@ class Broker:
         self._control = keys.control(node.node_id)
         self._streams = [keys.inbox(p, node.node_id) for p in range(node.partitions)]
         self._streams.append(self._control)
+        # Since when (monotonic) every heartbeat succeeded; None right after a failed one.
+        # The janitor judges other nodes only after a full node_ttl_s of this (janitor.py).
+        self.beating_since: float | None = None
 
     async def create_groups(self) -> None:
         for stream in self._streams:
@@ -79,8 +83,20 @@ class Broker:
     async def read_batch(self, cursors: dict[str, str]) -> list[tuple[str, list[
             tuple[bytes, dict[bytes, bytes] | None]]]]:
         fanout = self.node.settings.fanout
-        reply = await self.node.redis.reader.xreadgroup(
-            GROUP, self.node.node_id, cursors, count=fanout.read_count, block=fanout.block_ms)
+        reader = self.node.redis.reader
+        if self.node.redis.is_cluster:
+            # One stream per reader here. Name the node that serves it: XREADGROUP has
+            # "movable" keys, so redis-py would ask one fixed node (COMMAND GETKEYS) where
+            # to send it, twice per read, and if that node dies it fails before its own
+            # failover handling, for ever: inbox reads would stop until the node is back.
+            ((stream, cursor),) = cursors.items()
+            reply = await reader.execute_command(
+                "XREADGROUP", "GROUP", GROUP, self.node.node_id, "COUNT", fanout.read_count,
+                "BLOCK", fanout.block_ms, "STREAMS", stream, cursor,
+                target_nodes=reader.get_node_from_key(stream))
+        else:
+            reply = await reader.xreadgroup(GROUP, self.node.node_id, cursors,
+                                            count=fanout.read_count, block=fanout.block_ms)
         if isinstance(reply, dict):  # RESP3 shape
             return [(k.decode(), v[0] if v and isinstance(v[0], list) else v)
                     for k, v in reply.items()]
@@ -116,7 +132,14 @@ class Broker:
     # --- liveness -------------------------------------------------------------
 
     async def _heartbeat(self) -> None:
-        if await self._beat("beat"):
+        try:
+            alive = await self._beat("beat")
+        except BaseException:
+            self.beating_since = None
+            raise
+        if self.beating_since is None:
+            self.beating_since = time.monotonic()
+        if alive:
             return
         log.warning("this node was presumed dead; rejoining", extra={
             "node_id": self.node.node_id})

@@ -203,9 +203,6 @@ def _build(raw: Mapping[str, Mapping[str, Any]]) -> Settings:
         built[section] = _build_section(section, cls, values)
     settings = Settings(**built)
     _check_redis(settings.redis)
-    if settings.durability.replicas and settings.redis.cluster_nodes:
-        raise ConfigError("durability.replicas > 0 is not supported with redis.cluster_nodes "
-                          "yet (WAIT must run on the connection that stored the message)")
     return settings
 
 

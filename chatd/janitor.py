@@ -5,12 +5,22 @@ interest in rooms, its inboxes, its control inbox and its share of every
 user's presence are removed, and users left with no connection anywhere are
 announced offline. A node also runs `cleanup_node` on itself at start, for
 what a previous life under the same node id left behind.
+
+A stale heartbeat proves a node dead only if that node could have written
+one: after Redis itself was away (an outage, a failover) longer than
+`node_ttl_s`, *every* heartbeat is stale, and sweeping then would make the
+nodes fence each other and close every connection with 4009. So the janitor
+judges only once its own heartbeats have succeeded for a full `node_ttl_s`
+(`alive_since`): by then every live node has beaten again.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import secrets
+import time
+from collections.abc import Callable
 
 from chatd import keys, presence, rooms
 from chatd.node import Node
@@ -34,12 +44,20 @@ async def cleanup_node(node: Node, node_id: str) -> None:
 
 
 class Janitor:
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: Node,
+                 alive_since: Callable[[], float | None] = lambda: -math.inf) -> None:
+        """`alive_since()`: since when (monotonic) this node's heartbeats have all
+        succeeded, None right after a failure (the broker's `beating_since`); the
+        default judges at once."""
         self.node = node
         self._token = secrets.token_hex(8)
+        self._alive_since = alive_since
 
     async def step(self) -> None:
         node = self.node
+        since = self._alive_since()
+        if since is None or time.monotonic() - since < node.settings.fanout.node_ttl_s:
+            return  # others may not have had the chance to beat yet: judge nobody
         ttl_ms = int(node.settings.fanout.janitor_interval_s * 3000)
         if not await node.redis.cmd.set(keys.JANITOR_LOCK, self._token, nx=True, px=ttl_ms):
             return

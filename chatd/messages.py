@@ -35,28 +35,41 @@ async def send(node: Node, user_id: str, room_id: str, client_msg_id: str, body:
         raise ChatError("too_large", f"body is longer than {limits.max_body_chars} characters")
     p = keys.partition_of(room_id, node.partitions)
     idem_key = keys.idempotency(p, room_id, user_id, client_msg_id)
-    try:
-        await ratelimit.take(node, keys.send_bucket(user_id), limits.send_rate_per_s,
-                             limits.send_burst)
-    except ChatError as e:
-        # A retry of a message already stored is answered, bucket or not.
-        previous = await node.redis.cmd.get(idem_key) if e.code == "rate_limited" else None
-        if previous is None:
-            raise
-        await rooms.require_member(node, room_id, user_id)
-        seq, ts = previous.split(":")
-        return Sent(int(seq), int(ts), True)
+    durability = node.settings.durability
+    bucket_keys: list[str] = []
+    bucket_args: list[float] = []
+    if not node.redis.is_cluster:
+        # One round trip: the send script takes the token itself (after answering
+        # a duplicate, so a retry is acked whatever the bucket holds).
+        bucket_keys = [keys.send_bucket(user_id)]
+        bucket_args = [limits.send_rate_per_s, limits.send_burst]
+    else:
+        # On a cluster the bucket is in the user's slot: take the token first.
+        try:
+            await ratelimit.take(node, keys.send_bucket(user_id), limits.send_rate_per_s,
+                                 limits.send_burst)
+        except ChatError as e:
+            # A retry of a message already stored is answered, bucket or not.
+            previous = await node.redis.cmd.get(idem_key) if e.code == "rate_limited" else None
+            if previous is None:
+                raise
+            if not durability.replicas:
+                await rooms.require_member(node, room_id, user_id)
+                seq, ts = previous.split(":")
+                return Sent(int(seq), int(ts), True)
+            # With durability.replicas an ack waits for the replicas, a duplicate's too (the
+            # stored original may be one whose WAIT failed): the script answers the
+            # duplicate and writes, so the WAIT below covers the original.
     retention = node.settings.messages
     retention_value = (retention.max_len if retention.retention == "maxlen"
                        else retention.max_age_s * 1000)
-    durability = node.settings.durability
     reply = await node.scripts.run("send_message", [
         keys.room(p, room_id), keys.room_members(p, room_id), keys.room_log(p, room_id),
-        keys.room_nodes(p, room_id), keys.inbox_prefix(p), idem_key,
+        keys.room_nodes(p, room_id), keys.inbox_prefix(p), idem_key, *bucket_keys,
     ], [
         room_id, user_id, client_msg_id, json.dumps(body, ensure_ascii=False),
         limits.idempotency_ttl_s * 1000, retention.retention, retention_value,
-        node.settings.fanout.inbox_max_len,
+        node.settings.fanout.inbox_max_len, *bucket_args,
     ], replicas=durability.replicas, wait_ms=durability.wait_timeout_ms)
     if durability.replicas:
         reply, confirmed = reply

@@ -12,6 +12,10 @@ A node holds three clients to the same server or cluster:
   pending when Redis sends the reply, so a reply lost with its connection
   must surface as an error, after which the consumer re-reads its pending
   entries. A silent retry would read only new entries and strand those.
+
+On a cluster, `master_client(host, port)` also hands out plain clients to one
+master, for the one thing the cluster client cannot do: run a script and a
+`WAIT` on the same connection (`durability.replicas`, see scripts.py).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -42,9 +46,24 @@ class RedisConn:
     raw: Any
     reader: Any
     is_cluster: bool
+    settings: Settings | None = None
+    masters: dict[str, Redis] = field(default_factory=dict)
+
+    def master_client(self, host: str, port: int) -> Redis:
+        """A plain client (own pool, no retries: the caller re-routes) to one cluster
+        master, made on first use and kept until `close`."""
+        name = f"{host}:{port}"
+        client = self.masters.get(name)
+        if client is None:
+            assert self.settings is not None
+            netloc = f"[{host}]:{port}" if ":" in host else name  # an IPv6 address
+            client = self.masters[name] = _standalone(
+                f"redis://{netloc}/0", self.settings, decode=True,
+                read_timeout=_cmd_timeout(self.settings), retries=0)
+        return client
 
     async def close(self) -> None:
-        for client in (self.cmd, self.raw, self.reader):
+        for client in (self.cmd, self.raw, self.reader, *self.masters.values()):
             await client.aclose()
 
 
@@ -84,16 +103,24 @@ def _cluster(settings: Settings, *, decode: bool, read_timeout: float,
     )
 
 
+def _cmd_timeout(settings: Settings) -> float:
+    """Read timeout of the command client: a `WAIT` (durability.replicas) may block for
+    wait_timeout_ms on top of the usual reply time, and must not be cut short by it."""
+    extra = settings.durability.wait_timeout_ms / 1000 if settings.durability.replicas else 0
+    return settings.redis.socket_timeout_s + extra
+
+
 def build(settings: Settings, url: str) -> RedisConn:
     """Build the clients; `url` is the resolved standalone URL (embedded or configured)."""
     block_s = settings.fanout.block_ms / 1000
     timeout = settings.redis.socket_timeout_s
     make = _cluster if settings.redis.cluster_nodes else functools.partial(_standalone, url)
     return RedisConn(
-        cmd=make(settings, decode=True, read_timeout=timeout, retries=_RETRIES),
+        cmd=make(settings, decode=True, read_timeout=_cmd_timeout(settings), retries=_RETRIES),
         raw=make(settings, decode=False, read_timeout=timeout, retries=_RETRIES),
         reader=make(settings, decode=False, read_timeout=block_s + timeout, retries=0),
         is_cluster=bool(settings.redis.cluster_nodes),
+        settings=settings,
     )
 
 

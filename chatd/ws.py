@@ -50,14 +50,27 @@ async def handler(request: web.Request) -> web.StreamResponse:
     limits = node.settings.limits
     if not origin_allowed(request, node.settings.server.allowed_origins):
         raise ChatError("forbidden", "origin not allowed")
-    ws = web.WebSocketResponse(heartbeat=limits.heartbeat_s, max_msg_size=limits.max_frame_bytes,
-                               decode_text=False)
+    # No permessage-deflate: chat frames are small, and compressing every frame
+    # for every recipient would cost more CPU than the bytes it saves.
+    # aiohttp refuses a message of max_msg_size bytes or more; the protocol refuses only
+    # frames *over* max_frame_bytes.
+    ws = web.WebSocketResponse(heartbeat=limits.heartbeat_s,
+                               max_msg_size=limits.max_frame_bytes + 1,
+                               decode_text=False, compress=False)
     await ws.prepare(request)
     node.metrics.connections.inc()
     try:
         await _session(request, ws, node)
     except (ChatError, RedisError, OSError) as e:
         log.warning("connection ended by a storage error", extra={"error": repr(e)})
+        if not ws.closed:
+            await ws.close(code=CLOSE_INTERNAL)
+    except Exception:
+        # Nothing may reach the HTTP error middleware once the socket is a WebSocket:
+        # its JSON error response would be written into the WebSocket stream, which the
+        # client sees as a corrupt frame (1002). Seen with redis-py raising RuntimeError
+        # on a connection its cluster client closed under it during a failover.
+        log.exception("unhandled error in websocket")
         if not ws.closed:
             await ws.close(code=CLOSE_INTERNAL)
     finally:
@@ -232,7 +245,9 @@ async def _read_loop(ws: web.WebSocketResponse, node: Node, conn: Conn) -> None:
             continue
         try:
             await _dispatch(node, conn, frame)
-        except (RedisError, OSError) as e:
+        except (RedisError, OSError, RuntimeError) as e:
+            # RuntimeError: redis-py's cluster client may close a connection under a
+            # command in flight during a failover (see scripts.py); retrying is safe.
             log.warning("storage error", extra={"error": repr(e)})
             _reply_error(conn, node, ChatError("unavailable", "storage is unavailable"), frame.id)
         except ChatError as e:

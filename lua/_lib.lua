@@ -19,3 +19,26 @@ local function fanout(nodes_key, inbox_prefix, maxlen, fields)
   end
   return #nodes
 end
+
+-- Token bucket (hash: tokens, ms), refilled continuously at `rate` per second up
+-- to `burst`. Takes `cost` tokens or nothing; returns 0 when taken, else the
+-- milliseconds until they will be there. The key expires once the bucket would
+-- be full again, so idle buckets cost no memory.
+local function take_token(bucket, rate, burst, cost)
+  local now = now_ms()
+  local state = redis.call('HMGET', bucket, 'tokens', 'ms')
+  local tokens = tonumber(state[1])
+  local last = tonumber(state[2])
+  if tokens == nil or last == nil then
+    tokens = burst
+    last = now
+  end
+  tokens = math.min(burst, tokens + math.max(0, now - last) * rate / 1000)
+  if tokens < cost then
+    return math.ceil((cost - tokens) * 1000 / rate)
+  end
+  tokens = tokens - cost
+  redis.call('HSET', bucket, 'tokens', tostring(tokens), 'ms', now)
+  redis.call('PEXPIRE', bucket, math.ceil((burst - tokens) * 1000 / rate) + 1000)
+  return 0
+end

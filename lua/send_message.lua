@@ -6,6 +6,10 @@ KEYS[3]  room log stream (entry id <seq>-0, fields m: message JSON, u: sender, t
 KEYS[4]  room interest set (ids of nodes holding a member's connection)
 KEYS[5]  inbox prefix of the room's partition (node id appended)
 KEYS[6]  idempotency key of (sender, room, client_msg_id)
+KEYS[7]  optional: the sender's send bucket. Given on a standalone Redis, where
+         one script may touch keys of any tag, so a send is one round trip;
+         on a cluster it lives in another slot and the caller takes the token
+         with take_token.lua first.
 ARGV[1]  room id
 ARGV[2]  sender user id
 ARGV[3]  client_msg_id ([A-Za-z0-9_-]{1,64}, checked by the caller)
@@ -14,13 +18,18 @@ ARGV[5]  idempotency window in milliseconds
 ARGV[6]  retention: "maxlen" or "max_age"
 ARGV[7]  retention value: max entries, or max age in milliseconds
 ARGV[8]  inbox max length
+ARGV[9]  send bucket rate per second (with KEYS[7])
+ARGV[10] send bucket burst (with KEYS[7])
 
 Returns  {seq, ts, duplicate (0/1)}; CHATD_NOT_FOUND when the sender is not a
-         member (also when the room does not exist: existence is not revealed).
+         member (also when the room does not exist: existence is not revealed);
+         CHATD_RATE_LIMITED <retry_after_ms> when the bucket is empty.
 
 Invariant: seq is the room's next integer with no gaps; the log entry, the
 idempotency record and every inbox entry are written together or not at all,
 so a retried send (same client_msg_id) is stored and delivered exactly once.
+A duplicate is answered before the bucket is consulted; a refused send takes
+no token and stores nothing.
 ]]
 local room_key = KEYS[1]
 local members_key = KEYS[2]
@@ -28,6 +37,7 @@ local log_key = KEYS[3]
 local nodes_key = KEYS[4]
 local inbox_prefix = KEYS[5]
 local idem_key = KEYS[6]
+local bucket_key = KEYS[7]
 local room_id = ARGV[1]
 local sender = ARGV[2]
 local client_msg_id = ARGV[3]
@@ -36,6 +46,8 @@ local idem_ttl_ms = ARGV[5]
 local retention = ARGV[6]
 local retention_value = tonumber(ARGV[7])
 local inbox_maxlen = ARGV[8]
+local bucket_rate = tonumber(ARGV[9])
+local bucket_burst = tonumber(ARGV[10])
 
 if redis.call('HEXISTS', members_key, sender) == 0 then
   return redis.error_reply('CHATD_NOT_FOUND no such room')
@@ -47,6 +59,13 @@ if previous then
   redis.call('SET', idem_key, previous, 'KEEPTTL')
   local sep = string.find(previous, ':', 1, true)
   return {tonumber(string.sub(previous, 1, sep - 1)), tonumber(string.sub(previous, sep + 1)), 1}
+end
+
+if bucket_key then
+  local wait_ms = take_token(bucket_key, bucket_rate, bucket_burst, 1)
+  if wait_ms > 0 then
+    return redis.error_reply('CHATD_RATE_LIMITED ' .. wait_ms)
+  end
 end
 
 local seq = redis.call('HINCRBY', room_key, 'seq', 1)

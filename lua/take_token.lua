@@ -1,4 +1,4 @@
---[[ take_token: a token bucket, refilled continuously.
+--[[ take_token: a token bucket, refilled continuously (the logic is take_token in _lib.lua).
 
 KEYS[1]  the bucket (hash: tokens, ms)
 ARGV[1]  refill rate, tokens per second (float)
@@ -16,24 +16,8 @@ local rate = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
 local cost = tonumber(ARGV[3])
 
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-
-local state = redis.call('HMGET', bucket, 'tokens', 'ms')
-local tokens = tonumber(state[1])
-local last = tonumber(state[2])
-if tokens == nil or last == nil then
-  tokens = burst
-  last = now
-end
-tokens = math.min(burst, tokens + math.max(0, now - last) * rate / 1000)
-
-if tokens < cost then
-  local wait_ms = math.ceil((cost - tokens) * 1000 / rate)
+local wait_ms = take_token(bucket, rate, burst, cost)
+if wait_ms > 0 then
   return {0, wait_ms}
 end
-
-tokens = tokens - cost
-redis.call('HSET', bucket, 'tokens', tostring(tokens), 'ms', now)
-redis.call('PEXPIRE', bucket, math.ceil((burst - tokens) * 1000 / rate) + 1000)
 return {1, 0}

@@ -7,6 +7,9 @@ Fixtures:
 * ``make_valkey_cluster`` (function): ``await make_valkey_cluster(masters=3,
   replicas_per_master=0)`` -> running :class:`ValkeyCluster`
 * ``valkey_cluster`` (function): a running 3-master cluster
+* ``redis_backend`` (function, parametrized ``standalone`` / ``cluster``): a running
+  :class:`RedisBackend`; ``await chatd_nodes.start(n, **redis_backend.chatd_args)``
+  runs the same test on one Valkey and on a 3-master Valkey Cluster
 * ``chatd_nodes`` (function): :class:`ChatdNodes` factory, ``await chatd_nodes.start(n, ...)``
 * ``fake_redis_server`` / ``fake_redis`` (function): fresh ``fakeredis`` server + async client
 
@@ -16,8 +19,9 @@ Everything a fixture starts is killed at teardown, also when the test fails.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Generator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import fakeredis
 import pytest
@@ -56,6 +60,12 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.section("chatd log problems (reported, not failing)", yellow=True)
         for text in _log_problem_reports:
             terminalreporter.write_line(text)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "cluster: the test's Redis is a 3-master Valkey Cluster "
+        "(deselect with -m 'not cluster')")
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
@@ -117,6 +127,64 @@ async def make_valkey_cluster(
 async def valkey_cluster(make_valkey_cluster: ValkeyClusterFactory) -> ValkeyCluster:
     """A healthy 3-master, 0-replica valkey cluster."""
     return await make_valkey_cluster()
+
+
+# ----------------------------------------------------------------- redis backends
+
+
+@dataclass
+class RedisBackend:
+    """What a test's chatd nodes run on: one Valkey (``valkey``) or a Valkey Cluster
+    (``cluster``, 3 masters, no replicas). Exactly one of the two is set."""
+
+    kind: str
+    valkey: ValkeyProcess | None = None
+    cluster: ValkeyCluster | None = None
+
+    @property
+    def is_cluster(self) -> bool:
+        return self.cluster is not None
+
+    @property
+    def chatd_args(self) -> dict[str, Any]:
+        """Keyword arguments for ``chatd_nodes.start``: ``redis_url`` or ``redis_cluster``."""
+        if self.cluster is not None:
+            return {"redis_cluster": self.cluster}
+        return {"redis_url": self.valkey}
+
+    async def client(self, **kwargs: Any) -> Any:
+        """A ``Redis`` or an initialized ``RedisCluster`` for checks (caller ``aclose()``s)."""
+        if self.cluster is not None:
+            return await self.cluster.client(**kwargs)
+        assert self.valkey is not None
+        return self.valkey.client(**kwargs)
+
+
+REDIS_BACKENDS = ["standalone", pytest.param("cluster", marks=pytest.mark.cluster)]
+
+
+@pytest.fixture(params=REDIS_BACKENDS)
+async def redis_backend(
+    request: pytest.FixtureRequest, valkey_binaries: ValkeyBinaries, tmp_path: Path
+) -> AsyncIterator[RedisBackend]:
+    """The test runs twice: on one Valkey and on a 3-master Valkey Cluster.
+
+    Request it before ``chatd_nodes`` so that Redis outlives the nodes at teardown.
+    """
+    if request.param == "cluster":
+        cluster = ValkeyCluster(valkey_binaries, tmp_path / "cluster")
+        try:
+            await cluster.start()
+            yield RedisBackend("cluster", cluster=cluster)
+        finally:
+            cluster.close()
+    else:
+        server = ValkeyProcess(valkey_binaries, tmp_path / "valkey")
+        try:
+            await server.start()
+            yield RedisBackend("standalone", valkey=server)
+        finally:
+            server.close()
 
 
 # -------------------------------------------------------------------------- chatd

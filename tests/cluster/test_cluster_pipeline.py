@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import aiohttp
+import pytest
 
 from chatd import keys
 from tests.client import FAST_ENV, Api, connect
 from tests.conftest import ValkeyClusterFactory
 from tests.harness import ChatdNodes
+
+pytestmark = pytest.mark.cluster
 
 
 async def test_partitions_spread_over_every_master(

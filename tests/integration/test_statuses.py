@@ -12,12 +12,14 @@ from typing import Any
 import aiohttp
 
 from tests.client import FAST_ENV, Api, User, Ws, connect
-from tests.harness import ChatdNode, ChatdNodes, ValkeyProcess, assert_clean_logs
+from tests.conftest import RedisBackend
+from tests.harness import ChatdNode, ChatdNodes, assert_clean_logs
 
 
-async def start_node(chatd_nodes: ChatdNodes, valkey: ValkeyProcess,
+async def start_node(chatd_nodes: ChatdNodes, redis_backend: RedisBackend,
                      env: Mapping[str, str] | None = None) -> ChatdNode:
-    (node,) = await chatd_nodes.start(1, redis_url=valkey, env={**FAST_ENV, **(env or {})})
+    (node,) = await chatd_nodes.start(1, **redis_backend.chatd_args,
+                                      env={**FAST_ENV, **(env or {})})
     return node
 
 
@@ -62,8 +64,8 @@ def receipts_from(ws: Ws, user: User) -> list[tuple[int, int]]:
 
 
 async def test_direct_room_sent_delivered_read(
-        valkey: ValkeyProcess, chatd_nodes: ChatdNodes) -> None:
-    node = await start_node(chatd_nodes, valkey)
+        redis_backend: RedisBackend, chatd_nodes: ChatdNodes) -> None:
+    node = await start_node(chatd_nodes, redis_backend)
     async with aiohttp.ClientSession() as http:
         api = Api(http, node.url)
         alice, bob = await api.register(), await api.register()
@@ -118,8 +120,8 @@ async def test_direct_room_sent_delivered_read(
 
 
 async def test_group_status_needs_every_other_member(
-        valkey: ValkeyProcess, chatd_nodes: ChatdNodes) -> None:
-    node = await start_node(chatd_nodes, valkey)
+        redis_backend: RedisBackend, chatd_nodes: ChatdNodes) -> None:
+    node = await start_node(chatd_nodes, redis_backend)
     async with aiohttp.ClientSession() as http:
         api = Api(http, node.url)
         users = [await api.register() for _ in range(5)]
@@ -179,8 +181,8 @@ async def test_group_status_needs_every_other_member(
 
 
 async def test_watermarks_never_go_backwards_and_bad_seqs_are_refused(
-        valkey: ValkeyProcess, chatd_nodes: ChatdNodes) -> None:
-    node = await start_node(chatd_nodes, valkey)
+        redis_backend: RedisBackend, chatd_nodes: ChatdNodes) -> None:
+    node = await start_node(chatd_nodes, redis_backend)
     async with aiohttp.ClientSession() as http:
         api = Api(http, node.url)
         alice, bob, carol = [await api.register() for _ in range(3)]
@@ -234,8 +236,8 @@ async def test_watermarks_never_go_backwards_and_bad_seqs_are_refused(
 
 
 async def test_welcome_on_reconnect_carries_the_watermarks(
-        valkey: ValkeyProcess, chatd_nodes: ChatdNodes) -> None:
-    node = await start_node(chatd_nodes, valkey)
+        redis_backend: RedisBackend, chatd_nodes: ChatdNodes) -> None:
+    node = await start_node(chatd_nodes, redis_backend)
     async with aiohttp.ClientSession() as http:
         api = Api(http, node.url)
         alice, bob = await api.register(), await api.register()
@@ -271,8 +273,8 @@ async def test_welcome_on_reconnect_carries_the_watermarks(
 
 
 async def test_unread_counts_follow_read_seq(
-        valkey: ValkeyProcess, chatd_nodes: ChatdNodes) -> None:
-    node = await start_node(chatd_nodes, valkey)
+        redis_backend: RedisBackend, chatd_nodes: ChatdNodes) -> None:
+    node = await start_node(chatd_nodes, redis_backend)
     async with aiohttp.ClientSession() as http:
         api = Api(http, node.url)
         alice, bob = await api.register(), await api.register()

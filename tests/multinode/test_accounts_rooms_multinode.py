@@ -12,8 +12,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import ValkeyClusterFactory
-from tests.harness import ChatdNode, ChatdNodes, ValkeyProcess, require_chatd
+from tests.conftest import RedisBackend, ValkeyClusterFactory
+from tests.harness import ChatdNode, ChatdNodes, require_chatd
 
 ENV = {"CHATD_AUTH__ARGON2_MEMORY_KIB": "1024", "CHATD_AUTH__ARGON2_TIME_COST": "1",
        "CHATD_AUTH__ARGON2_PARALLELISM": "1", "CHATD_AUTH__LOGIN_BURST": "100000",
@@ -47,10 +47,10 @@ async def user(http: aiohttp.ClientSession, node: ChatdNode, name: str) -> dict[
 
 
 @pytest.fixture
-async def two_nodes(valkey: ValkeyProcess, chatd_nodes: ChatdNodes) -> list[ChatdNode]:
-    """Valkey is requested first so that it outlives the nodes at teardown."""
+async def two_nodes(redis_backend: RedisBackend, chatd_nodes: ChatdNodes) -> list[ChatdNode]:
+    """Redis is requested first so that it outlives the nodes at teardown."""
     require_chatd()
-    return await chatd_nodes.start(2, redis_url=valkey.url, env=ENV)
+    return await chatd_nodes.start(2, **redis_backend.chatd_args, env=ENV)
 
 
 async def test_username_race_has_one_winner(two_nodes: list[ChatdNode],

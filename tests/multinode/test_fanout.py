@@ -6,12 +6,13 @@ from __future__ import annotations
 import aiohttp
 
 from tests.client import FAST_ENV, Api, connect
-from tests.harness import ChatdNodes, ValkeyProcess
+from tests.conftest import RedisBackend
+from tests.harness import ChatdNodes
 
 
 async def test_group_message_reaches_every_connection_on_every_node(
-        chatd_nodes: ChatdNodes, valkey: ValkeyProcess) -> None:
-    a, b, c = await chatd_nodes.start(3, redis_url=valkey, env=FAST_ENV)
+        redis_backend: RedisBackend, chatd_nodes: ChatdNodes) -> None:
+    a, b, c = await chatd_nodes.start(3, **redis_backend.chatd_args, env=FAST_ENV)
     async with aiohttp.ClientSession() as http:
         api = Api(http, a.url)
         alice, bob, carol = [await api.register() for _ in range(3)]

@@ -14,14 +14,15 @@ import secrets
 import aiohttp
 
 from tests.client import FAST_ENV, Api, connect
-from tests.harness import ChatdNodes, ValkeyProcess
+from tests.conftest import RedisBackend
+from tests.harness import ChatdNodes
 
 ROUNDS = 20
 
 
 async def test_same_client_msg_id_on_two_nodes_is_stored_once(
-        valkey: ValkeyProcess, chatd_nodes: ChatdNodes) -> None:
-    a, b, c = await chatd_nodes.start(3, redis_url=valkey, env=FAST_ENV | {
+        redis_backend: RedisBackend, chatd_nodes: ChatdNodes) -> None:
+    a, b, c = await chatd_nodes.start(3, **redis_backend.chatd_args, env=FAST_ENV | {
         "CHATD_LIMITS__SEND_RATE_PER_S": "1000", "CHATD_LIMITS__SEND_BURST": "1000"})
     async with aiohttp.ClientSession() as http:
         api = Api(http, a.url)
@@ -82,11 +83,11 @@ async def test_same_client_msg_id_on_two_nodes_is_stored_once(
 
 
 async def test_retry_of_an_unconfirmed_send_is_not_acked_before_replicas_confirm(
-        valkey: ValkeyProcess, chatd_nodes: ChatdNodes) -> None:
+        redis_backend: RedisBackend, chatd_nodes: ChatdNodes) -> None:
     """With `durability.replicas = 1` and no replica attached, WAIT never confirms: the
     first send is stored but answered `unavailable` ("retry with the same client_msg_id").
     The retry must not turn into an ack ("stored durably") while still no replica has it."""
-    a, b = await chatd_nodes.start(2, redis_url=valkey, env=FAST_ENV | {
+    a, b = await chatd_nodes.start(2, **redis_backend.chatd_args, env=FAST_ENV | {
         "CHATD_DURABILITY__REPLICAS": "1", "CHATD_DURABILITY__WAIT_TIMEOUT_MS": "100"})
     async with aiohttp.ClientSession() as http:
         api = Api(http, a.url)

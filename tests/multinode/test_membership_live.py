@@ -13,7 +13,8 @@ from typing import Any
 import aiohttp
 
 from tests.client import FAST_ENV, Api, Ws, connect
-from tests.harness import ChatdNodes, ValkeyProcess
+from tests.conftest import RedisBackend
+from tests.harness import ChatdNodes
 
 _ids = itertools.count()
 
@@ -47,8 +48,8 @@ async def request(ws: Ws, frame: dict[str, Any]) -> dict[str, Any]:
 
 
 async def test_added_member_receives_live_and_removed_member_is_cut_off(
-        valkey: ValkeyProcess, chatd_nodes: ChatdNodes) -> None:
-    a, b, c = await chatd_nodes.start(3, redis_url=valkey, env=ENV)
+        redis_backend: RedisBackend, chatd_nodes: ChatdNodes) -> None:
+    a, b, c = await chatd_nodes.start(3, **redis_backend.chatd_args, env=ENV)
     async with aiohttp.ClientSession() as http:
         api = Api(http, a.url)
         owner, bob, dave = [await api.register() for _ in range(3)]
@@ -137,11 +138,11 @@ async def test_added_member_receives_live_and_removed_member_is_cut_off(
 
 
 async def test_membership_changes_in_a_busy_room_keep_the_order(
-        valkey: ValkeyProcess, chatd_nodes: ChatdNodes) -> None:
+        redis_backend: RedisBackend, chatd_nodes: ChatdNodes) -> None:
     """Add and remove while messages stream in from two nodes: the added member's open
     connections get a gap-free run of seqs starting right after the add, in order; after
     the `removed` frame nothing of the room arrives."""
-    a, b, c = await chatd_nodes.start(3, redis_url=valkey, env=ENV | {
+    a, b, c = await chatd_nodes.start(3, **redis_backend.chatd_args, env=ENV | {
         "CHATD_LIMITS__FRAME_RATE_PER_S": "100000", "CHATD_LIMITS__FRAME_BURST": "100000"})
     async with aiohttp.ClientSession() as http:
         api = Api(http, a.url)

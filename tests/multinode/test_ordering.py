@@ -16,7 +16,8 @@ from typing import Any
 import aiohttp
 
 from tests.client import FAST_ENV, Api, Ws, connect
-from tests.harness import ChatdNodes, ValkeyProcess
+from tests.conftest import RedisBackend
+from tests.harness import ChatdNodes
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +66,8 @@ async def wait_until(check: Any, within_s: float, what: str) -> None:
 
 
 async def test_concurrent_senders_on_three_nodes_all_see_one_order(
-        valkey: ValkeyProcess, chatd_nodes: ChatdNodes) -> None:
-    nodes = await chatd_nodes.start(3, redis_url=valkey, env=LOAD_ENV)
+        redis_backend: RedisBackend, chatd_nodes: ChatdNodes) -> None:
+    nodes = await chatd_nodes.start(3, **redis_backend.chatd_args, env=LOAD_ENV)
     async with aiohttp.ClientSession() as http:
         api = Api(http, nodes[0].url)
         owner = await api.register()

@@ -11,7 +11,8 @@ import time
 import aiohttp
 
 from tests.client import FAST_ENV, Api, Ws, connect
-from tests.harness import ChatdNodes, ValkeyProcess
+from tests.conftest import RedisBackend
+from tests.harness import ChatdNodes
 
 ENV = FAST_ENV | {"CHATD_LIMITS__SEND_RATE_PER_S": "100000", "CHATD_LIMITS__SEND_BURST": "100000",
                   "CHATD_LIMITS__FRAME_RATE_PER_S": "100000", "CHATD_LIMITS__FRAME_BURST": "100000"}
@@ -40,8 +41,8 @@ async def wait_count(ws: Ws, room: str, count: int, within_s: float = 20.0) -> N
 
 
 async def test_resume_on_another_node_gets_exactly_the_missed_messages_then_live(
-        valkey: ValkeyProcess, chatd_nodes: ChatdNodes) -> None:
-    a, b, c = await chatd_nodes.start(3, redis_url=valkey, env=ENV)
+        redis_backend: RedisBackend, chatd_nodes: ChatdNodes) -> None:
+    a, b, c = await chatd_nodes.start(3, **redis_backend.chatd_args, env=ENV)
     async with aiohttp.ClientSession() as http:
         api = Api(http, a.url)
         alice, bob, carol = [await api.register() for _ in range(3)]
@@ -116,11 +117,11 @@ async def test_resume_on_another_node_gets_exactly_the_missed_messages_then_live
 
 
 async def test_welcome_is_the_first_frame_even_in_a_busy_room(
-        valkey: ValkeyProcess, chatd_nodes: ChatdNodes) -> None:
+        redis_backend: RedisBackend, chatd_nodes: ChatdNodes) -> None:
     """`hello` is answered by `welcome`: the client learns its session and rooms before
     anything about them. Checked while another member types without pause (room events
     queued during the hello used to go out before the welcome)."""
-    a, b = await chatd_nodes.start(2, redis_url=valkey, env=ENV)
+    a, b = await chatd_nodes.start(2, **redis_backend.chatd_args, env=ENV)
     async with aiohttp.ClientSession() as http:
         api = Api(http, a.url)
         alice, bob = await api.register(), await api.register()

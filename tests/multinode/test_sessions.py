@@ -10,12 +10,13 @@ import aiohttp
 
 from chatd import keys
 from tests.client import FAST_ENV, Api, connect
+from tests.conftest import RedisBackend
 from tests.harness import ChatdNodes, ValkeyProcess
 
 
 async def test_logout_on_one_node_closes_the_session_everywhere(
-        valkey: ValkeyProcess, chatd_nodes: ChatdNodes) -> None:
-    a, b, c = await chatd_nodes.start(3, redis_url=valkey, env=FAST_ENV)
+        redis_backend: RedisBackend, chatd_nodes: ChatdNodes) -> None:
+    a, b, c = await chatd_nodes.start(3, **redis_backend.chatd_args, env=FAST_ENV)
     async with aiohttp.ClientSession() as http:
         api_a = Api(http, a.url)
         alice = await api_a.register()

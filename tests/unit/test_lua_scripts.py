@@ -238,6 +238,29 @@ async def test_send_fans_out_to_each_interested_node(
     assert len(await fake_redis.keys(keys.inbox_prefix(P) + "*")) == 2
 
 
+async def test_send_with_the_bucket_takes_a_token_or_refuses(
+        fake_redis: fakeredis.FakeAsyncRedis) -> None:
+    """On a standalone Redis the send script takes the sender's token itself."""
+    await make_room(fake_redis)
+    bucket = keys.send_bucket(ALICE)
+
+    async def send_limited(cmid: str) -> Any:
+        return await fake_redis.eval(sources()["send_message"], 7, *[
+            keys.room(P, ROOM), keys.room_members(P, ROOM), keys.room_log(P, ROOM),
+            keys.room_nodes(P, ROOM), keys.inbox_prefix(P),
+            keys.idempotency(P, ROOM, ALICE, cmid), bucket,
+        ], ROOM, ALICE, cmid, json.dumps("hi"), DAY_MS, "maxlen", 1_000_000, INBOX_MAX,
+            0.001, 2)
+
+    assert [int(v) for v in await send_limited("a")][::2] == [1, 0]
+    assert [int(v) for v in await send_limited("b")][::2] == [2, 0]
+    with pytest.raises(ResponseError, match=r"^CHATD_RATE_LIMITED \d+$"):
+        await send_limited("c")
+    assert len(await log_of(fake_redis)) == 2  # the refused one stored nothing
+    # A duplicate is answered even with the bucket empty.
+    assert [int(v) for v in await send_limited("a")][::2] == [1, 1]
+
+
 async def test_send_max_age_trims_old_entries(fake_redis: fakeredis.FakeAsyncRedis) -> None:
     await make_room(fake_redis)
     for i in range(3):
