@@ -56,8 +56,11 @@ class Broker:
         metrics = self.node.metrics
         groups = [[s] for s in self._streams] if self.node.redis.is_cluster else [self._streams]
         out = [Loop(f"consumer-{i}", self._consumer(g), metrics) for i, g in enumerate(groups)]
-        out.append(Loop("heartbeat", self._heartbeat, metrics,
-                        interval_s=self.node.settings.fanout.heartbeat_interval_s))
+        # Back off no longer than one interval: after a Redis outage every node must
+        # beat again within an interval, before the janitors judge (janitor.py).
+        interval = self.node.settings.fanout.heartbeat_interval_s
+        out.append(Loop("heartbeat", self._heartbeat, metrics, interval_s=interval,
+                        max_backoff_s=interval))
         return out
 
     # --- consuming ------------------------------------------------------------

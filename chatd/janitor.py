@@ -10,8 +10,8 @@ A stale heartbeat proves a node dead only if that node could have written
 one: after Redis itself was away (an outage, a failover) longer than
 `node_ttl_s`, *every* heartbeat is stale, and sweeping then would make the
 nodes fence each other and close every connection with 4009. So the janitor
-judges only once its own heartbeats have succeeded for a full `node_ttl_s`
-(`alive_since`): by then every live node has beaten again.
+judges only once its own heartbeats have succeeded for `node_ttl_s` plus one
+heartbeat interval (`alive_since`): by then every live node has beaten again.
 """
 
 from __future__ import annotations
@@ -56,7 +56,11 @@ class Janitor:
     async def step(self) -> None:
         node = self.node
         since = self._alive_since()
-        if since is None or time.monotonic() - since < node.settings.fanout.node_ttl_s:
+        fanout = node.settings.fanout
+        # A live node beats again within one interval of Redis coming back (its
+        # heartbeat backs off no longer than that): wait for it, plus a full TTL.
+        grace = fanout.node_ttl_s + fanout.heartbeat_interval_s
+        if since is None or time.monotonic() - since < grace:
             return  # others may not have had the chance to beat yet: judge nobody
         ttl_ms = int(node.settings.fanout.janitor_interval_s * 3000)
         if not await node.redis.cmd.set(keys.JANITOR_LOCK, self._token, nx=True, px=ttl_ms):
