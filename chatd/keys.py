@@ -54,10 +54,6 @@ def session(uid: str, sid: str) -> str:
     return f"{PREFIX}:{{u:{uid}}}:sess:{sid}"
 
 
-def user_sessions(uid: str) -> str:
-    return f"{PREFIX}:{{u:{uid}}}:sessions"
-
-
 def user_rooms(uid: str) -> str:
     return f"{PREFIX}:{{u:{uid}}}:rooms"
 
