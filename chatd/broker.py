@@ -2,8 +2,9 @@
 
 Every node reads one inbox stream per partition plus its control inbox, in a
 consumer group of its own, and XACKs (then XDELs) entries only after handing
-them to local sockets. After a Redis connection drop the consumer re-reads
-its pending entries first (id "0"), so a burst or a drop loses nothing.
+them to local sockets: in the same round trip as the next read. After a Redis
+connection drop the consumer re-reads its pending entries first (id "0"), so a
+burst or a drop loses nothing.
 
 On a standalone server one blocking XREADGROUP covers every stream; on a
 cluster the streams live in different slots, so each gets its own reader.
@@ -20,6 +21,7 @@ from redis.exceptions import ResponseError
 from chatd import keys
 from chatd.fanout import Fanout
 from chatd.loops import Loop
+from chatd.multiplex import entries
 from chatd.node import Node
 
 log = logging.getLogger("chatd.broker")
@@ -67,10 +69,11 @@ class Broker:
 
     def _consumer(self, streams: list[str]) -> Callable[[], Awaitable[None]]:
         cursors = dict.fromkeys(streams, "0")
+        acks: list[tuple[str, list[bytes]]] = []  # handled: acked with the next read
 
         async def step() -> None:
             try:
-                batch = await self.read_batch(cursors)
+                batch = await self.read_batch(cursors, acks)
             except ResponseError:
                 # NOGROUP: the janitor removed our inboxes; the heartbeat handles the rest.
                 await self.create_groups()
@@ -79,58 +82,66 @@ class Broker:
             except BaseException:
                 cursors.update(dict.fromkeys(cursors, "0"))  # re-read what is pending
                 raise
-            await self.handle_batch(batch, cursors)
+            acks[:] = self.handle_batch(batch, cursors)
 
         return step
 
-    async def read_batch(self, cursors: dict[str, str]) -> list[tuple[str, list[
-            tuple[bytes, dict[bytes, bytes] | None]]]]:
+    async def read_batch(self, cursors: dict[str, str], acks: list[tuple[str, list[bytes]]],
+                         ) -> list[tuple[str, list[tuple[bytes, dict[bytes, bytes]]]]]:
+        """Ack (XACK + XDEL) what the last batch handed to sockets, then read the next.
+        Until the ack lands those entries stay pending: a lost reply re-reads them."""
         fanout = self.node.settings.fanout
         reader = self.node.redis.reader
-        if self.node.redis.is_cluster:
-            # One stream per reader here. Name the node that serves it: XREADGROUP has
-            # "movable" keys, so redis-py would ask one fixed node (COMMAND GETKEYS) where
-            # to send it, twice per read, and if that node dies it fails before its own
-            # failover handling, for ever: inbox reads would stop until the node is back.
-            ((stream, cursor),) = cursors.items()
-            reply = await reader.execute_command(
-                "XREADGROUP", "GROUP", GROUP, self.node.node_id, "COUNT", fanout.read_count,
-                "BLOCK", fanout.block_ms, "STREAMS", stream, cursor,
-                target_nodes=reader.get_node_from_key(stream))
-        else:
-            reply = await reader.xreadgroup(GROUP, self.node.node_id, cursors,
-                                            count=fanout.read_count, block=fanout.block_ms)
+        if not self.node.redis.is_cluster:
+            # One round trip: the acks, then the blocking read, on the reader's own
+            # connection (nothing else waits behind its block there).
+            commands: list[tuple[str | bytes | int, ...]] = []
+            for stream, ids in acks:
+                commands += [("XACK", stream, GROUP, *ids), ("XDEL", stream, *ids)]
+            commands.append(("XREADGROUP", "GROUP", GROUP, self.node.node_id, "COUNT",
+                             fanout.read_count, "BLOCK", fanout.block_ms, "STREAMS",
+                             *cursors, *cursors.values()))
+            replies = await reader.pipeline(commands, extra_s=fanout.block_ms / 1000)
+            return [(stream.decode(), entries(items)) for stream, items in replies[-1] or ()]
+        if acks:
+            async with self.node.redis.raw.pipeline(transaction=False) as pipe:
+                for stream, ids in acks:
+                    pipe.xack(stream, GROUP, *ids)
+                    pipe.xdel(stream, *ids)
+                await pipe.execute()
+        # One stream per reader here. Name the node that serves it: XREADGROUP has
+        # "movable" keys, so redis-py would ask one fixed node (COMMAND GETKEYS) where
+        # to send it, twice per read, and if that node dies it fails before its own
+        # failover handling, for ever: inbox reads would stop until the node is back.
+        ((stream, cursor),) = cursors.items()
+        reply = await reader.execute_command(
+            "XREADGROUP", "GROUP", GROUP, self.node.node_id, "COUNT", fanout.read_count,
+            "BLOCK", fanout.block_ms, "STREAMS", stream, cursor,
+            target_nodes=reader.get_node_from_key(stream))
         if isinstance(reply, dict):  # RESP3 shape
             return [(k.decode(), v[0] if v and isinstance(v[0], list) else v)
                     for k, v in reply.items()]
-        return [(stream.decode(), entries) for stream, entries in reply or ()]
+        return [(stream.decode(), items) for stream, items in reply or ()]
 
-    async def handle_batch(self, batch: list[tuple[str, list[
-            tuple[bytes, dict[bytes, bytes] | None]]]], cursors: dict[str, str]) -> None:
+    def handle_batch(self, batch: list[tuple[str, list[tuple[bytes, dict[bytes, bytes]]]]],
+                     cursors: dict[str, str]) -> list[tuple[str, list[bytes]]]:
+        """Hand entries to local sockets; returns the ids to ack, per stream."""
         handled: list[tuple[str, list[bytes]]] = []
-        for stream, entries in batch:
-            if not entries:
+        for stream, items in batch:
+            if not items:
                 if cursors.get(stream) == "0":
                     cursors[stream] = ">"  # pending ones done: go live
                 continue
             control = stream == self._control
-            for _entry_id, fields in entries:
+            for _entry_id, fields in items:
                 if fields:  # a pending entry trimmed away arrives without fields
                     try:
                         self.fanout.handle(fields, control=control)
                     except (KeyError, ValueError) as e:
                         log.warning("malformed inbox entry", extra={"error": repr(e)})
-            handled.append((stream, [entry_id for entry_id, _ in entries]))
-            self.node.metrics.inbox_entries.inc(len(entries))
-        if not handled:
-            return
-        # One round trip for the whole batch; on the log-read client, so the acks
-        # do not queue behind client sends for a connection of the command pool.
-        async with self.node.redis.raw.pipeline(transaction=False) as pipe:
-            for stream, ids in handled:
-                pipe.xack(stream, GROUP, *ids)
-                pipe.xdel(stream, *ids)
-            await pipe.execute()
+            handled.append((stream, [entry_id for entry_id, _ in items]))
+            self.node.metrics.inbox_entries.inc(len(items))
+        return handled
 
     # --- liveness -------------------------------------------------------------
 

@@ -164,8 +164,8 @@ class Fanout:
             if conn.closing or conn.cursors.get(room_id) is not cur:
                 return
             count = min(_PAGE, max(1, conn.free()))
-            entries = await self.node.redis.raw.xrange(
-                log_key, f"{cur.next}-0", f"{target}-0", count=count)
+            entries = await self.node.redis.log_range(log_key, f"{cur.next}-0", f"{target}-0",
+                                                      count)
             taken = 0
             for entry_id, fields in entries:
                 if conn.free() <= 0:  # other rooms' fills took the room meanwhile

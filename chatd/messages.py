@@ -91,16 +91,15 @@ async def history(node: Node, user_id: str, room_id: str, *, after_seq: int | No
     await rooms.require_member(node, room_id, user_id)
     p = keys.partition_of(room_id, node.partitions)
     log_key = keys.room_log(p, room_id)
-    reader = node.redis.raw
     if after_seq is not None:
-        entries = await reader.xrange(log_key, f"{after_seq + 1}-0", "+", count=limit + 1)
+        entries = await node.redis.log_range(log_key, f"{after_seq + 1}-0", "+", limit + 1)
         more = len(entries) > limit
         entries = entries[:limit]
     else:
         if before_seq is not None and before_seq <= 1:
             return [], False
         top = "+" if before_seq is None else f"{before_seq - 1}-0"
-        entries = await reader.xrevrange(log_key, top, "-", count=limit + 1)
+        entries = await node.redis.log_range(log_key, top, "-", limit + 1, reverse=True)
         more = len(entries) > limit
         entries = entries[:limit][::-1]
     return [fields[b"m"] for _, fields in entries], more

@@ -1,17 +1,22 @@
 """The only place that builds Redis clients.
 
-A node holds three clients to the same server or cluster:
+A node holds these clients to the same server or cluster:
 
-- `cmd`: commands and scripts, strings decoded (short timeouts, retried,
-  because every write chatd makes is idempotent).
+- `cmd` (redis-py): commands and scripts, strings decoded (short timeouts,
+  retried, because every write chatd makes is idempotent).
 - `raw`: reads of the room logs, raw bytes so stored message frames go to
   sockets without a decode/encode round (retried, like `cmd`).
-- `reader`: blocking inbox reads (XREADGROUP), raw bytes, with a socket
-  timeout above the block time (a blocking read must not be cut by its own
-  client: redis-py #2807) and **no retries**: XREADGROUP marks entries
-  pending when Redis sends the reply, so a reply lost with its connection
-  must surface as an error, after which the consumer re-reads its pending
-  entries. A silent retry would read only new entries and strand those.
+- `reader`: blocking inbox reads (XREADGROUP), raw bytes, with a timeout
+  above the block time (a blocking read must not be cut by its own client:
+  redis-py #2807) and **no retries**: XREADGROUP marks entries pending when
+  Redis sends the reply, so a reply lost with its connection must surface as
+  an error, after which the consumer re-reads its pending entries. A silent
+  retry would read only new entries and strand those.
+
+On a standalone server what runs per message (scripts, `raw`, `reader`) goes
+through pipelined connections instead (`multiplex.py`: a fraction of
+redis-py's CPU per call); `scripts` is then the decoded one. On a cluster all
+of them are redis-py clients, which route by slot.
 
 On a cluster, `master_client(host, port)` also hands out plain clients to one
 master, for the one thing the cluster client cannot do: run a script and a
@@ -33,6 +38,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 
 from chatd.config import ConfigError, Settings, redact_url
+from chatd.multiplex import Multiplexed, entries
 
 log = logging.getLogger("chatd.redis")
 
@@ -43,11 +49,22 @@ _RETRIES = 2
 @dataclass
 class RedisConn:
     cmd: Any  # Redis | RedisCluster: their command mixins are typed apart, so Any
-    raw: Any
+    raw: Any  # RedisCluster | Multiplexed
     reader: Any
     is_cluster: bool
+    scripts: Multiplexed | None = None  # standalone only
     settings: Settings | None = None
     masters: dict[str, Redis] = field(default_factory=dict)
+
+    async def log_range(self, key: str, start: str, end: str, count: int, *,
+                        reverse: bool = False) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        """XRANGE (or XREVRANGE from `start` down to `end`) of a room log, raw bytes."""
+        if self.is_cluster:
+            if reverse:
+                return list(await self.raw.xrevrange(key, start, end, count=count))
+            return list(await self.raw.xrange(key, start, end, count=count))
+        return entries(await self.raw.execute("XREVRANGE" if reverse else "XRANGE",
+                                              key, start, end, "COUNT", count))
 
     def master_client(self, host: str, port: int) -> Redis:
         """A plain client (own pool, no retries: the caller re-routes) to one cluster
@@ -63,8 +80,23 @@ class RedisConn:
         return client
 
     async def close(self) -> None:
-        for client in (self.cmd, self.raw, self.reader, *self.masters.values()):
+        for client in (self.cmd, *self.masters.values()):
             await client.aclose()
+        for client in (self.raw, self.reader, self.scripts):
+            if isinstance(client, Multiplexed):
+                await client.close()
+            elif client is not None:
+                await client.aclose()
+
+    async def ping(self) -> None:
+        await self.cmd.ping()
+        if self.is_cluster:
+            await self.raw.ping()
+            await self.reader.ping()
+            return
+        for client in (self.raw, self.reader, self.scripts):
+            assert isinstance(client, Multiplexed)
+            await client.execute("PING")
 
 
 def _retry(retries: int) -> Retry:
@@ -114,14 +146,22 @@ def build(settings: Settings, url: str) -> RedisConn:
     """Build the clients; `url` is the resolved standalone URL (embedded or configured)."""
     block_s = settings.fanout.block_ms / 1000
     timeout = settings.redis.socket_timeout_s
-    make = _cluster if settings.redis.cluster_nodes else functools.partial(_standalone, url)
+    if settings.redis.cluster_nodes:
+        return RedisConn(
+            cmd=_cluster(settings, decode=True, read_timeout=_cmd_timeout(settings),
+                         retries=_RETRIES),
+            raw=_cluster(settings, decode=False, read_timeout=timeout, retries=_RETRIES),
+            reader=_cluster(settings, decode=False, read_timeout=block_s + timeout, retries=0),
+            is_cluster=True, settings=settings)
+    mux = functools.partial(Multiplexed, url, connect_timeout_s=settings.redis.connect_timeout_s,
+                            timeout_s=timeout)
     return RedisConn(
-        cmd=make(settings, decode=True, read_timeout=_cmd_timeout(settings), retries=_RETRIES),
-        raw=make(settings, decode=False, read_timeout=timeout, retries=_RETRIES),
-        reader=make(settings, decode=False, read_timeout=block_s + timeout, retries=0),
-        is_cluster=bool(settings.redis.cluster_nodes),
-        settings=settings,
-    )
+        cmd=_standalone(url, settings, decode=True, read_timeout=_cmd_timeout(settings),
+                        retries=_RETRIES),
+        raw=mux(decode=False, retries=_RETRIES),
+        reader=mux(decode=False),  # the block time is added per read
+        scripts=mux(decode=True, retries=_RETRIES),
+        is_cluster=False, settings=settings)
 
 
 async def connect(settings: Settings, url: str) -> RedisConn:
@@ -134,8 +174,7 @@ async def connect(settings: Settings, url: str) -> RedisConn:
         attempt += 1
         conn = build(settings, url)
         try:
-            for client in (conn.cmd, conn.raw, conn.reader):
-                await client.ping()
+            await conn.ping()
             await _check_version(conn)
             return conn
         except (RedisError, OSError) as e:

@@ -1,9 +1,11 @@
 """Loads `lua/*.lua` once and runs them by SHA.
 
 redis-py's `register_script` keeps the SHA and reloads the script on NOSCRIPT
-(after `SCRIPT FLUSH`, a Redis restart or a cluster failover), so there is no
-second fallback here. Domain errors leave Lua as `CHATD_<CODE> message` and
-become `ChatError` in this one place.
+(after `SCRIPT FLUSH`, a Redis restart or a cluster failover). On a standalone
+server scripts run on the pipelined connection (`multiplex.py`), which does
+the same in `_call`: EVALSHA, and EVAL (which caches it again) on NOSCRIPT.
+Domain errors leave Lua as `CHATD_<CODE> message` and become `ChatError` in
+this one place.
 
 On a Redis Cluster two more things happen here:
 
@@ -46,6 +48,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from chatd.errors import ChatError, TooManyConnections
 from chatd.metrics import Metrics
+from chatd.multiplex import Multiplexed
 
 _CODES = {
     "CHATD_BAD_REQUEST": "bad_request",
@@ -75,11 +78,14 @@ def sources() -> dict[str, str]:
 
 class Scripts:
     def __init__(self, client: Any, metrics: Metrics, *, settle_s: float = 2.0,
-                 master_client: Callable[[str, int], Any] | None = None) -> None:
+                 master_client: Callable[[str, int], Any] | None = None,
+                 mux: Multiplexed | None = None) -> None:
         """`master_client(host, port)`, given on a cluster, returns a plain client to
         one master (for script + WAIT on one connection); `settle_s` bounds the retries
-        of a script while its cluster slot is moving."""
+        of a script while its cluster slot is moving. With `mux` (standalone) scripts
+        run there, but those followed by a WAIT: it would hold up every other caller."""
         self._client = client
+        self._mux = mux
         self._metrics = metrics
         self._settle_s = settle_s
         self._master_client = master_client
@@ -121,7 +127,7 @@ class Scripts:
         while True:
             try:
                 if not replicas:
-                    return await self._scripts[name](keys=keys, args=args)
+                    return await self._call(name, keys, args)
                 if self._master_client is None:
                     return await self._run_and_wait(self._client, name, keys, args,
                                                     replicas, wait_ms, asking=False)
@@ -138,6 +144,17 @@ class Scripts:
                     continue
             await asyncio.sleep(delay)
             delay = min(delay * 2, _MAX_BACKOFF_S)
+
+    async def _call(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        script = self._scripts[name]
+        if self._mux is None:
+            return await script(keys=keys, args=args)
+        try:
+            return await self._mux.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+        except ResponseError as e:
+            if not str(e).startswith("NOSCRIPT"):
+                raise
+        return await self._mux.execute("EVAL", script.script, len(keys), *keys, *args)
 
     async def _on_master(self, route: tuple[str, int, bool] | None, name: str,
                          keys: Sequence[str], args: Sequence[Any], replicas: int,
