@@ -1,8 +1,11 @@
 """One WebSocket connection's outgoing side: per-room seq cursors and a bounded queue.
 
-The handler task is the only reader of the socket; one writer task per
-connection drains the queue. Fanout only appends already-encoded frames, so
-delivering a message to N local sockets is N appends, not N awaits. A full
+The handler task is the only reader of the socket. Fanout hands over frames
+already encoded; while the socket keeps up (nothing queued, its write buffer
+below the transport's high-water mark) a frame is written to the transport
+at once, so delivering a message to N local sockets is N writes, not N task
+switches. Otherwise it waits in a bounded queue that a writer task drains at
+the socket's pace (the task exists only while there is a backlog). A full
 queue is the slow-consumer signal: the connection is closed with 4009
 (resume required) rather than skipping messages or growing without bound.
 """
@@ -14,10 +17,11 @@ import contextlib
 import logging
 from collections import deque
 
-from aiohttp import WSMsgType, web
+from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 from prometheus_client import Counter
 
-from chatd.protocol import CLOSE_RESUME_REQUIRED
+from chatd.protocol import CLOSE_RESUME_REQUIRED, ws_text_frame
 
 log = logging.getLogger("chatd.conn")
 
@@ -40,21 +44,25 @@ class Cursor:
 
 
 class Conn:
-    __slots__ = ("_roomy", "_task", "_wake", "close_code", "cursors", "frames_out", "max_queue",
-                 "queue", "session_id", "user_id", "ws")
+    __slots__ = ("_high_water", "_out", "_roomy", "_started", "_task", "close_code", "cursors",
+                 "frames_out", "max_queue", "queue", "session_id", "user_id", "ws")
 
-    def __init__(self, ws: web.WebSocketResponse, user_id: str, session_id: str,
-                 max_queue: int, frames_out: Counter | None = None) -> None:
+    def __init__(self, ws: web.WebSocketResponse, out: AbstractStreamWriter, user_id: str,
+                 session_id: str, max_queue: int, frames_out: Counter | None = None) -> None:
+        """`out` is what `ws.prepare()` returned: the socket's transport and its drain."""
         self.ws = ws
+        self._out = out
+        transport = out.transport
+        self._high_water = transport.get_write_buffer_limits()[1] if transport else 0
         self.user_id = user_id
         self.session_id = session_id
         self.max_queue = max_queue
         self.cursors: dict[str, Cursor] = {}
         self.queue: deque[bytes] = deque()
         self.close_code: int | None = None
-        self._wake = asyncio.Event()
         self._roomy = asyncio.Event()  # set while the queue is at most half full (or closing)
         self._roomy.set()
+        self._started = False
         self._task: asyncio.Task[None] | None = None
         self.frames_out = frames_out
 
@@ -63,18 +71,37 @@ class Conn:
         return self.close_code is not None
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._writer())
+        """Begin writing: frames pushed until now (the welcome first) wait in the queue."""
+        self._started = True
+        self._kick()
 
     def push(self, frame: bytes) -> None:
-        if self.close_code is not None:
+        if self.close_code is not None or self.ws.closed:
             return  # closing: a resuming client gets it from the log
+        if not self.queue and self._started and self._write(frame):
+            return
         if len(self.queue) >= self.max_queue:
             self.close(CLOSE_RESUME_REQUIRED)
             return
         self.queue.append(frame)
         if len(self.queue) > self.max_queue // 2:
             self._roomy.clear()
-        self._wake.set()
+        self._kick()
+
+    def _write(self, frame: bytes) -> bool:
+        """Write now if the socket keeps up; False when the frame must wait."""
+        transport = self._out.transport
+        if transport is None or transport.is_closing() or \
+                transport.get_write_buffer_size() > self._high_water:
+            return False
+        transport.write(ws_text_frame(frame))
+        if self.frames_out is not None:
+            self.frames_out.inc()
+        return True
+
+    def _kick(self) -> None:
+        if self._started and (self._task is None or self._task.done()):
+            self._task = asyncio.create_task(self._writer())
 
     def free(self) -> int:
         """How many more frames the queue takes before the connection must close."""
@@ -87,8 +114,8 @@ class Conn:
         await self._roomy.wait()
 
     def push_first(self, frame: bytes) -> None:
+        """Before `start`: ahead of whatever was pushed already."""
         self.queue.appendleft(frame)
-        self._wake.set()
 
     def offer(self, room_id: str, seq: int, frame: bytes) -> bool:
         """Queue a room message in seq order. True means a gap opened: start a fill."""
@@ -143,8 +170,8 @@ class Conn:
             self.close_code = code
             if not flush:
                 self.queue.clear()
-            self._wake.set()
             self._roomy.set()
+            self._kick()
 
     async def closed(self, timeout_s: float) -> None:
         """Wait for the writer to finish a requested close."""
@@ -166,22 +193,19 @@ class Conn:
             await self.ws.close(code=self.close_code)
 
     async def _writer(self) -> None:
-        ws = self.ws
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            sent = 0
-            try:
-                while self.queue:
-                    await ws.send_frame(self.queue.popleft(), WSMsgType.TEXT)
-                    sent += 1
+        """Drain the backlog at the socket's pace, then end (push starts another)."""
+        try:
+            while self.queue:
+                if self._write(self.queue[0]):
+                    self.queue.popleft()
                     if len(self.queue) <= self.max_queue // 2:
                         self._roomy.set()
-            except (ConnectionError, RuntimeError):
-                return  # the peer is gone; the reader notices and cleans up
-            finally:
-                if self.frames_out is not None:
-                    self.frames_out.inc(sent)
-            if self.close_code is not None:
-                await ws.close(code=self.close_code)
-                return
+                    continue
+                transport = self._out.transport
+                if transport is None or transport.is_closing():
+                    return  # the peer is gone; the reader notices and cleans up
+                await self._out.drain()  # above the high-water mark: wait for the socket
+        except (ConnectionError, RuntimeError):
+            return
+        if self.close_code is not None:
+            await self.ws.close(code=self.close_code)

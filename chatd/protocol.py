@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 from typing import Annotated, Any
 
 import msgspec
@@ -165,6 +166,17 @@ def error_frame(err: ChatError | FrameError, request_id: str | None) -> bytes:
     if retry is not None:
         frame["retry_after_ms"] = retry
     return encode(frame)
+
+
+def ws_text_frame(payload: bytes) -> bytes:
+    """A server-to-client WebSocket text frame (RFC 6455 5.2: FIN, no mask, no RSV bits),
+    built here so fanout writes it straight to the socket."""
+    n = len(payload)
+    if n < 126:
+        return bytes((0x81, n)) + payload
+    if n < 0x10000:
+        return struct.pack("!BBH", 0x81, 126, n) + payload
+    return struct.pack("!BBQ", 0x81, 127, n) + payload
 
 
 def message_frame(message_json: bytes) -> bytes:

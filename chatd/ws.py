@@ -12,6 +12,7 @@ import time
 from collections import deque
 
 from aiohttp import WSMsgType, web
+from aiohttp.abc import AbstractStreamWriter
 from redis.exceptions import RedisError
 
 from chatd import auth, keys, messages, presence, protocol, rooms
@@ -57,10 +58,10 @@ async def handler(request: web.Request) -> web.StreamResponse:
     ws = web.WebSocketResponse(heartbeat=limits.heartbeat_s,
                                max_msg_size=limits.max_frame_bytes + 1,
                                decode_text=False, compress=False)
-    await ws.prepare(request)
+    out = await ws.prepare(request)
     node.metrics.connections.inc()
     try:
-        await _session(request, ws, node)
+        await _session(request, ws, out, node)
     except (ChatError, RedisError, OSError) as e:
         log.warning("connection ended by a storage error", extra={"error": repr(e)})
         if not ws.closed:
@@ -79,7 +80,8 @@ async def handler(request: web.Request) -> web.StreamResponse:
     return ws
 
 
-async def _session(request: web.Request, ws: web.WebSocketResponse, node: Node) -> None:
+async def _session(request: web.Request, ws: web.WebSocketResponse, out: AbstractStreamWriter,
+                   node: Node) -> None:
     hello = await _read_hello(ws, node)
     if hello is None:
         return
@@ -90,8 +92,8 @@ async def _session(request: web.Request, ws: web.WebSocketResponse, node: Node) 
         await _refuse(ws, e, hello.id)
         return
     fanout = request.app[FANOUT]
-    conn = Conn(ws, principal.user_id, principal.session_id, node.settings.limits.send_queue_max,
-                node.metrics.frames_out)
+    conn = Conn(ws, out, principal.user_id, principal.session_id,
+                node.settings.limits.send_queue_max, node.metrics.frames_out)
     first = fanout.add_conn(conn)
     try:
         await presence.opened(node, conn.user_id, first)

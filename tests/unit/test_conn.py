@@ -1,13 +1,16 @@
 """chatd.conn.Conn ordering logic without a socket: offer / accept / drain_backlog keep
 each room's frames in strictly increasing seq with no gap, and the queue bound closes
-with 4009 (resume required) rather than skip. The writer task is never started."""
+with 4009 (resume required) rather than skip. Most tests never start writing, so
+frames stay in the queue; the last ones write to a recording transport."""
 
 from __future__ import annotations
 
+import asyncio
+from types import SimpleNamespace
 from typing import Any
 
 from chatd.conn import Conn, Cursor
-from chatd.protocol import CLOSE_RESUME_REQUIRED
+from chatd.protocol import CLOSE_RESUME_REQUIRED, ws_text_frame
 
 ROOM = "room-a"
 OTHER = "room-b"
@@ -19,8 +22,9 @@ def f(seq: int, room: str = ROOM) -> bytes:
 
 def make(max_queue: int = 100, rooms: dict[str, int] | None = None) -> Conn:
     """A conn whose cursors are live (not filling) at the given next seqs."""
-    dummy_ws: Any = object()
-    conn = Conn(dummy_ws, "user", "session", max_queue)
+    dummy_ws: Any = SimpleNamespace(closed=False)
+    no_socket: Any = SimpleNamespace(transport=None)
+    conn = Conn(dummy_ws, no_socket, "user", "session", max_queue)
     for room_id, next_seq in (rooms or {ROOM: 1}).items():
         cur = Cursor()
         cur.next = next_seq
@@ -158,3 +162,62 @@ def test_close_keeps_the_first_code_and_flush_keeps_the_queue() -> None:
     assert conn.close_code == 1001
     conn.push(b"c")
     assert list(conn.queue) == [b"a", b"b"]
+
+
+class RecordingTransport:
+    """Stands in for the socket's transport: records writes, reports a buffer size."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.buffered = 0
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return 16_384, 65_536
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    def is_closing(self) -> bool:
+        return False
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+
+async def test_a_socket_that_keeps_up_gets_frames_at_once_and_in_order() -> None:
+    transport = RecordingTransport()
+    drained = asyncio.Event()
+
+    async def drain() -> None:
+        await drained.wait()
+        transport.buffered = 0
+
+    ws: Any = SimpleNamespace(closed=False)
+    out: Any = SimpleNamespace(transport=transport, drain=drain)
+    conn = Conn(ws, out, "user", "session", 10)
+    conn.push(b"early")
+    conn.push_first(b"welcome")
+    assert transport.written == []  # nothing before start, and the welcome goes first
+    conn.start()
+    await asyncio.sleep(0)
+    assert transport.written == [ws_text_frame(b"welcome"), ws_text_frame(b"early")]
+    conn.push(b"now")  # written in push itself, no task involved
+    assert transport.written[-1] == ws_text_frame(b"now") and not conn.queue
+    transport.buffered = 70_000  # the client stopped reading: frames wait in the queue
+    conn.push(b"late-1")
+    conn.push(b"late-2")
+    await asyncio.sleep(0)
+    assert list(conn.queue) == [b"late-1", b"late-2"] and len(transport.written) == 3
+    drained.set()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert transport.written[3:] == [ws_text_frame(b"late-1"), ws_text_frame(b"late-2")]
+    assert not conn.queue
+
+
+def test_text_frame_headers_follow_rfc_6455() -> None:
+    for size, header in ((0, b"\x81\x00"), (125, b"\x81\x7d"), (126, b"\x81\x7e\x00\x7e"),
+                         (65_535, b"\x81\x7e\xff\xff"),
+                         (65_536, b"\x81\x7f" + (65_536).to_bytes(8, "big"))):
+        frame = ws_text_frame(b"x" * size)
+        assert frame[:len(header)] == header and len(frame) == len(header) + size
