@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
 from chatd import keys, ratelimit, rooms
 from chatd.errors import ChatError
 from chatd.node import Node
@@ -67,7 +69,7 @@ async def send(node: Node, user_id: str, room_id: str, client_msg_id: str, body:
         keys.room(p, room_id), keys.room_members(p, room_id), keys.room_log(p, room_id),
         keys.room_nodes(p, room_id), keys.inbox_prefix(p), idem_key, *bucket_keys,
     ], [
-        room_id, user_id, client_msg_id, json.dumps(body, ensure_ascii=False),
+        room_id, user_id, client_msg_id, msgspec.json.encode(body),
         limits.idempotency_ttl_s * 1000, retention.retention, retention_value,
         node.settings.fanout.inbox_max_len, *bucket_args,
     ], replicas=durability.replicas, wait_ms=durability.wait_timeout_ms)

@@ -8,7 +8,6 @@ protocol asks.
 
 from __future__ import annotations
 
-import json
 import re
 import struct
 from typing import Annotated, Any
@@ -153,7 +152,8 @@ def _explain(e: Exception) -> str:
 # --- server frames -------------------------------------------------------------
 
 def encode(frame: dict[str, Any]) -> bytes:
-    return json.dumps(frame, ensure_ascii=False, separators=(",", ":")).encode()
+    """Compact JSON, UTF-8 as is (what json.dumps(ensure_ascii=False) gives, faster)."""
+    return msgspec.json.encode(frame)
 
 
 def error_frame(err: ChatError | FrameError, request_id: str | None) -> bytes:

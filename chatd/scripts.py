@@ -90,6 +90,7 @@ class Scripts:
         self._settle_s = settle_s
         self._master_client = master_client
         self._scripts = {name: client.register_script(src) for name, src in sources().items()}
+        self._latency = {name: metrics.redis_latency.labels(name) for name in self._scripts}
 
     async def load_all(self) -> None:
         """SCRIPT LOAD everything at start, so a broken script fails the start, not a send."""
@@ -116,7 +117,7 @@ class Scripts:
             # answered, so it is a lost connection like any other.
             raise ChatError("unavailable", "storage is unavailable, retry later") from e
         finally:
-            self._metrics.redis_latency.labels(name).observe(time.perf_counter() - started)
+            self._latency[name].observe(time.perf_counter() - started)
 
     async def _settled(self, name: str, keys: Sequence[str], args: Sequence[Any],
                        replicas: int, wait_ms: int) -> Any:
