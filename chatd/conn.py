@@ -44,8 +44,8 @@ class Cursor:
 
 
 class Conn:
-    __slots__ = ("_high_water", "_out", "_roomy", "_started", "_task", "close_code", "cursors",
-                 "frames_out", "max_queue", "queue", "session_id", "user_id", "ws")
+    __slots__ = ("_high_water", "_out", "_room_waiter", "_started", "_task", "close_code",
+                 "cursors", "frames_out", "max_queue", "queue", "session_id", "user_id", "ws")
 
     def __init__(self, ws: web.WebSocketResponse, out: AbstractStreamWriter, user_id: str,
                  session_id: str, max_queue: int, frames_out: Counter | None = None) -> None:
@@ -60,8 +60,9 @@ class Conn:
         self.cursors: dict[str, Cursor] = {}
         self.queue: deque[bytes] = deque()
         self.close_code: int | None = None
-        self._roomy = asyncio.Event()  # set while the queue is at most half full (or closing)
-        self._roomy.set()
+        # Made only while a log read waits for the queue to shrink: an idle connection
+        # should not carry an Event (and its deque) it never uses.
+        self._room_waiter: asyncio.Future[None] | None = None
         self._started = False
         self._task: asyncio.Task[None] | None = None
         self.frames_out = frames_out
@@ -84,8 +85,6 @@ class Conn:
             self.close(CLOSE_RESUME_REQUIRED)
             return
         self.queue.append(frame)
-        if len(self.queue) > self.max_queue // 2:
-            self._roomy.clear()
         self._kick()
 
     def _write(self, frame: bytes) -> bool:
@@ -111,7 +110,18 @@ class Conn:
         """Wait until the queue is at most half full, or the connection is closing: reading
         the room log (a resume, a gap) goes at the pace the client reads, rather than
         overflowing the queue with a page and closing a client that was keeping up."""
-        await self._roomy.wait()
+        while len(self.queue) > self.max_queue // 2 and self.close_code is None:
+            if self._room_waiter is None:
+                self._room_waiter = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._room_waiter)
+
+    def _made_room(self, *, ended: bool = False) -> None:
+        waiter = self._room_waiter
+        if waiter is not None and (ended or self.closing or
+                                   len(self.queue) <= self.max_queue // 2):
+            self._room_waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
 
     def push_first(self, frame: bytes) -> None:
         """Before `start`: ahead of whatever was pushed already."""
@@ -170,7 +180,7 @@ class Conn:
             self.close_code = code
             if not flush:
                 self.queue.clear()
-            self._roomy.set()
+            self._made_room()
             self._kick()
 
     async def closed(self, timeout_s: float) -> None:
@@ -181,7 +191,7 @@ class Conn:
     async def stop(self) -> None:
         """End the writer. A requested close may finish its handshake first, so the
         client reads our close code rather than a dropped connection."""
-        self._roomy.set()  # a fill waiting for room finds the connection gone and ends
+        self._made_room(ended=True)  # a fill waiting for room finds the connection gone
         task = self._task
         if task is not None:
             if self.close_code is not None:
@@ -198,8 +208,7 @@ class Conn:
             while self.queue:
                 if self._write(self.queue[0]):
                     self.queue.popleft()
-                    if len(self.queue) <= self.max_queue // 2:
-                        self._roomy.set()
+                    self._made_room()
                     continue
                 transport = self._out.transport
                 if transport is None or transport.is_closing():

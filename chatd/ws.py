@@ -7,9 +7,9 @@ and room traffic go out through the connection's queue (`conn.py`).
 
 from __future__ import annotations
 
+import bisect
 import logging
 import time
-from collections import deque
 
 from aiohttp import WSMsgType, web
 from aiohttp.abc import AbstractStreamWriter
@@ -194,7 +194,7 @@ class _Budget:
         self.burst = float(limits.frame_burst)
         self.tokens = self.burst
         self.stamp = time.monotonic()
-        self.invalid: deque[float] = deque()
+        self.invalid: list[float] = []  # a list, not a deque: 56 bytes idle instead of 760
         self.invalid_max = limits.invalid_frames_max
         self.invalid_window = limits.invalid_frames_window_s
 
@@ -212,8 +212,7 @@ class _Budget:
         """Count an invalid frame; True when the connection has had too many."""
         now = time.monotonic()
         self.invalid.append(now)
-        while self.invalid and self.invalid[0] < now - self.invalid_window:
-            self.invalid.popleft()
+        del self.invalid[:bisect.bisect_left(self.invalid, now - self.invalid_window)]
         return len(self.invalid) >= self.invalid_max
 
 
