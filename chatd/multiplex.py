@@ -3,8 +3,8 @@
 RESP answers commands in the order they were sent, so a command is written
 at once and its reply is simply the next one parsed (hiredis): no pool to
 check a connection out of, no retry wrapper, no timeout context per read.
-redis-py's asyncio client spends about 130-170 us of CPU per call on this
-machine, this about 20-40 (`python -m bench redis-client` measures both);
+redis-py's asyncio client spends about 140-200 us of CPU per call on this
+machine, this about 30-40 (`python -m bench.redis_client` measures both);
 with a send costing a script call and each node an inbox read and an ack,
 that was most of the server's CPU per delivered message.
 
@@ -155,19 +155,24 @@ class Multiplexed:
             delay = min(delay * 2, _MAX_BACKOFF_S)
 
     async def _once(self, commands: Sequence[Sequence[Arg]], extra_s: float) -> list[Any]:
-        wire = await self._connected()
+        wire = self._wire
+        if wire is None or wire.lost:
+            wire = await self._connected()
         futures = wire.send(commands, self._timeout_s + extra_s)
-        try:
-            await asyncio.wait(futures)
-        except asyncio.CancelledError:
-            for future in futures:
-                future.cancel()  # the replies are still read, and dropped
-            raise
-        errors = [future.exception() for future in futures]
-        for error in errors:
-            if error is not None:
-                raise error
-        return [future.result() for future in futures]
+        replies: list[Any] = []
+        error: BaseException | None = None
+        for i, future in enumerate(futures):
+            try:
+                replies.append(await future)  # replies come in order: one wait each
+            except asyncio.CancelledError:
+                for rest in futures[i:]:
+                    rest.cancel()  # the replies are still read, and dropped
+                raise
+            except Exception as e:
+                error = error or e
+        if error is not None:
+            raise error
+        return replies
 
     async def close(self) -> None:
         if self._wire is not None:
@@ -175,9 +180,6 @@ class Multiplexed:
             self._wire = None
 
     async def _connected(self) -> _Wire:
-        wire = self._wire
-        if wire is not None and not wire.lost:
-            return wire
         async with self._connecting:
             if self._wire is None or self._wire.lost:
                 self._wire = await self._connect()
