@@ -28,6 +28,8 @@ from pathlib import Path
 
 import psutil
 
+from bench.peers.node_setup import SERVER_JS, node_binary
+
 LOOPBACK = "127.0.0.1"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -260,6 +262,15 @@ class Stack:
         return self._start_nodes("sio", count, lambda port, node_id, data: [
             sys.executable, "-m", "bench.peers.sio_server", "--port", str(port),
             "--redis-url", self.redis_url,
+        ], {}, "/healthz")
+
+    def start_node_peer(self, count: int) -> list[Node]:
+        """The Node peer (bench/peers/node/server.js); needs node_setup.prepare() first."""
+        node = node_binary()
+        if node is None:
+            raise BenchError("node not found on PATH")
+        return self._start_nodes("node", count, lambda port, node_id, data: [
+            node, str(SERVER_JS), "--port", str(port), "--redis-url", self.redis_url,
         ], {}, "/healthz")
 
     def _start_nodes(self, kind: str, count: int, argv_for: _ArgvFor, env: Mapping[str, str],

@@ -43,7 +43,7 @@ CATCHUP_RETRIES = 5
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    system: str  # "chatd" or "sio"
+    system: str  # "chatd", or a peer ("sio", "node": both speak socket.io, SioClient)
     index: int
     workers: int
     specs: list[ConnSpec]

@@ -8,7 +8,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-SYSTEM_LABELS = {"chatd": "chatd", "sio": "python-socketio (peer)"}
+SYSTEM_LABELS = {"chatd": "chatd", "sio": "python-socketio (peer)",
+                 "node": "Node socket.io 4.8 + redis-streams-adapter (peer)"}
 
 
 @dataclass
@@ -142,20 +143,23 @@ def steps_table(result: ScenarioResult) -> str:
 
 
 def ratios(result: ScenarioResult) -> list[dict[str, Any]]:
-    """chatd / peer at equal offered load (steps both systems ran)."""
+    """chatd / each peer at equal offered load (steps both systems ran)."""
     chatd = {s.offered: s for s in result.steps.get("chatd", [])}
     out = []
-    for peer in result.steps.get("sio", []):
-        mine = chatd.get(peer.offered)
-        if mine is None:
+    for system, steps in result.steps.items():
+        if system == "chatd":
             continue
-        eff = mine.deliv_per_server_cpu_s / peer.deliv_per_server_cpu_s \
-            if peer.deliv_per_server_cpu_s else math.nan
-        p99 = mine.p99_ms / peer.p99_ms if mine.p99_ms and peer.p99_ms else math.nan
-        out.append({"offered": peer.offered, "deliv_per_cpu_ratio": eff, "p99_ratio": p99,
-                    "chatd_deliv_per_cpu": mine.deliv_per_server_cpu_s,
-                    "peer_deliv_per_cpu": peer.deliv_per_server_cpu_s,
-                    "chatd_p99_ms": mine.p99_ms, "peer_p99_ms": peer.p99_ms})
+        for peer in steps:
+            mine = chatd.get(peer.offered)
+            if mine is None:
+                continue
+            eff = mine.deliv_per_server_cpu_s / peer.deliv_per_server_cpu_s \
+                if peer.deliv_per_server_cpu_s else math.nan
+            p99 = mine.p99_ms / peer.p99_ms if mine.p99_ms and peer.p99_ms else math.nan
+            out.append({"peer": system, "offered": peer.offered, "deliv_per_cpu_ratio": eff,
+                        "p99_ratio": p99, "chatd_deliv_per_cpu": mine.deliv_per_server_cpu_s,
+                        "peer_deliv_per_cpu": peer.deliv_per_server_cpu_s,
+                        "chatd_p99_ms": mine.p99_ms, "peer_p99_ms": peer.p99_ms})
     return out
 
 
@@ -163,10 +167,11 @@ def ratios_table(result: ScenarioResult) -> str:
     rows = ratios(result)
     if not rows:
         return ""
-    lines = ["offered/s  chatd deliv/srv-cpu-s  peer deliv/srv-cpu-s  ratio   "
+    lines = ["peer  offered/s  chatd deliv/srv-cpu-s  peer deliv/srv-cpu-s  ratio   "
              "chatd p99 ms  peer p99 ms  p99 ratio"]
     for r in rows:
-        lines.append(f"{_f(r['offered']):>9}  {_f(r['chatd_deliv_per_cpu'], 0):>20}  "
+        lines.append(f"{r['peer']:<4}  {_f(r['offered']):>9}  "
+                     f"{_f(r['chatd_deliv_per_cpu'], 0):>20}  "
                      f"{_f(r['peer_deliv_per_cpu'], 0):>20}  {_f(r['deliv_per_cpu_ratio'], 2):>5}"
                      f"   {_f(r['chatd_p99_ms']):>11}  {_f(r['peer_p99_ms']):>11}  "
                      f"{_f(r['p99_ratio'], 2):>9}")
@@ -206,8 +211,8 @@ def render(result: ScenarioResult) -> str:
                     "with resume): " + "; ".join(closed)]
     ratio = ratios_table(result)
     if ratio:
-        out += ["", "chatd / peer at equal offered load (ratio > 1: chatd delivers more per "
-                "server CPU-second; p99 ratio < 1: chatd is faster)", ratio]
+        out += ["", "chatd / each peer at equal offered load (ratio > 1: chatd delivers more "
+                "per server CPU-second; p99 ratio < 1: chatd is faster)", ratio]
     if result.summary:
         out += ["", summary_table(result)]
     for note in result.notes:

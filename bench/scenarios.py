@@ -1,4 +1,4 @@
-"""The scenarios: rooms, direct, fanout (stepped load, chatd and the peer), idle, resume.
+"""The scenarios: rooms, direct, fanout (stepped load, chatd and the peers), idle, resume.
 
 Each scenario starts its own private Valkey and nodes (:class:`bench.cluster.Stack`)
 and load-generator processes (:class:`bench.loadgen.WorkerPool`), and stops all of
@@ -32,12 +32,14 @@ from bench.cluster import (
     redis_command_calls,
 )
 from bench.loadgen import WorkerPool
+from bench.peers import node_setup
 from bench.plan import MEMBER, ConnSpec, Topology
 from bench.report import ScenarioResult, StepResult
 from bench.tracking import count_loss, merge_samples, percentile
 
 SCENARIOS = ("rooms", "direct", "fanout", "idle", "resume")
 PEER_SCENARIOS = ("rooms", "fanout")
+PEERS = ("sio", "node")  # python-socketio, Node socket.io (bench/peers/)
 QUIET_S = 1.5  # drain: no progress for this long with nothing unacknowledged = done
 
 
@@ -56,7 +58,7 @@ class Options:
     receipts_ms: int = 0
     slo_ms: float = 1000.0
     all_steps: bool = False
-    peer: bool = True
+    peers: tuple[str, ...] = PEERS  # those that run in PEER_SCENARIOS
     chatd: bool = True
     chatd_env: dict[str, str] = field(default_factory=dict)  # extra CHATD_* (--chatd-env)
     rooms: int = 100
@@ -296,8 +298,8 @@ def _chatd_specs(opts: Options, stack: Stack, topo: Topology,
     return plan.conn_specs(topo, [n.ws_url for n in nodes], tokens, room_ids)
 
 
-def _sio_specs(opts: Options, stack: Stack, topo: Topology) -> list[ConnSpec]:
-    nodes = stack.start_sio(opts.nodes)
+def _peer_specs(opts: Options, stack: Stack, topo: Topology, peer: str) -> list[ConnSpec]:
+    nodes = stack.start_sio(opts.nodes) if peer == "sio" else stack.start_node_peer(opts.nodes)
     return plan.conn_specs(topo, [n.ws_url for n in nodes],
                            [f"user{u}" for u in range(topo.n_users)],
                            [f"room{j}" for j in range(len(topo.rooms))])
@@ -356,12 +358,12 @@ def _with_stack(opts: Options, body: Any) -> ScenarioResult:
 def run_stepped(opts: Options) -> ScenarioResult:
     topo = _topology(opts)
     systems = (["chatd"] if opts.chatd else []) + (
-        ["sio"] if opts.peer and opts.scenario in PEER_SCENARIOS else [])
+        list(opts.peers) if opts.scenario in PEER_SCENARIOS else [])
 
     def body(stack: Stack, result: ScenarioResult) -> None:
         for system in systems:
             specs = (_chatd_specs(opts, stack, topo, result) if system == "chatd"
-                     else _sio_specs(opts, stack, topo))
+                     else _peer_specs(opts, stack, topo, system))
             pool = WorkerPool(system, specs, opts.workers, opts.body_chars, opts.receipts_ms)
             try:
                 _connect(opts, pool, system)
@@ -378,12 +380,16 @@ def run_stepped(opts: Options) -> ScenarioResult:
             "queues with gap filling; receipts only with --receipts-ms")
         if "sio" in systems:
             result.notes.append(
-                "per message, peer: socket.io event with ack, local emit to the room and one "
-                "Redis PUBLISH (pickled) read by every other node; no storage, no seq, no "
+                "per message, sio peer: socket.io event with ack, local emit to the room and "
+                "one Redis PUBLISH (pickled) read by every other node; no storage, no seq, no "
                 "receipts, no resume")
-        result.notes.append("optional second peer (Node socket.io 4.8 + "
-                            "@socket.io/redis-streams-adapter) skipped: not implemented in "
-                            "this harness yet")
+        if "node" in systems:
+            result.setup["node_peer"] = node_setup.versions()
+            result.notes.append(
+                "per message, node peer: socket.io event with ack (sent without waiting for "
+                "Redis), one XADD (JSON, MAXLEN ~10000) to the one stream every node "
+                "reads with XREAD BLOCK, local emit once the XADD is answered; no storage "
+                "beyond the capped stream, no seq, no receipts, no resume")
         if opts.receipts_ms:
             result.notes.append(f"chatd clients sent cumulative `delivered` every "
                                 f"{opts.receipts_ms} ms per advanced room")

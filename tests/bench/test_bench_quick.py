@@ -2,14 +2,17 @@
 
 Correctness only (no loss, no reorder, no duplicates, the tables print); no
 timing assertions: the machine is shared and small. One `python -m bench run
---scenario all --quick` runs for the whole module (about 40 s on an idle
-2-core machine); each scenario is then checked from its JSON results.
+--scenario all --quick` runs for the whole module (about a minute on an idle
+2-core machine, plus an `npm ci` the first time); each scenario is then
+checked from its JSON results. The Node peer runs only where node and npm
+are; elsewhere its checks are skipped with the reason the run printed.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +27,8 @@ pytest.importorskip("socketio",
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCENARIOS = ["rooms", "direct", "fanout", "idle", "resume"]
 STEPPED = {"rooms": ["chatd", "sio"], "direct": ["chatd"], "fanout": ["chatd", "sio"]}
+# The npm ci of a first run (bounded at 300 s by the harness) comes on top of the run.
+RUN_TIMEOUT_S = 540
 
 
 @pytest.fixture(scope="module")
@@ -34,14 +39,25 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, 
         [sys.executable, "-m", "bench", "run", "--scenario", "all", "--quick", "--check",
          "--no-chart", "--results-dir", str(out), "--json", str(json_path)],
         cwd=REPO_ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=240, check=False)
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
+        check=False)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"bench exited with {proc.returncode}:\n{output[-6000:]}"
     results = {r["scenario"]: r for r in json.loads(json_path.read_text())}
     return output, results
 
 
-@pytest.mark.timeout(300)
+def _check_steps(system: str, steps: list[dict[str, Any]]) -> None:
+    assert steps, f"{system}: no step ran"
+    for step in steps:
+        assert step["lost"] == 0 and step["late"] == 0 and step["dups"] == 0, step
+        assert step["failed"] == 0, step["errors"]
+        assert step["deliveries"] > 0, step
+        # Every acked message reached every member connection (drain complete).
+        assert step["drained"], step
+
+
+@pytest.mark.timeout(RUN_TIMEOUT_S + 60)
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_quick_scenario(quick_run: tuple[str, dict[str, Any]], scenario: str) -> None:
     output, results = quick_run
@@ -49,14 +65,7 @@ def test_quick_scenario(quick_run: tuple[str, dict[str, Any]], scenario: str) ->
     result = results[scenario]
     assert result["problems"] == [], result["problems"]
     for system in STEPPED.get(scenario, []):
-        steps = result["steps"][system]
-        assert steps, f"{system}: no step ran"
-        for step in steps:
-            assert step["lost"] == 0 and step["late"] == 0 and step["dups"] == 0, step
-            assert step["failed"] == 0, step["errors"]
-            assert step["deliveries"] > 0, step
-            # Every acked message reached every member connection (drain complete).
-            assert step["drained"], step
+        _check_steps(system, result["steps"][system])
     if scenario in STEPPED:
         assert "deliv/srv-cpu-s" in output
     if scenario == "idle":
@@ -66,3 +75,20 @@ def test_quick_scenario(quick_run: tuple[str, dict[str, Any]], scenario: str) ->
         summary = result["summary"]["chatd"]
         assert summary["not_caught_up"] == 0 and summary["connect_failed"] == 0
         assert summary["lost"] == 0 and summary["late"] == 0 and summary["dups"] == 0
+
+
+@pytest.mark.timeout(RUN_TIMEOUT_S + 60)
+@pytest.mark.parametrize("scenario", ["rooms", "fanout"])
+def test_quick_node_peer(quick_run: tuple[str, dict[str, Any]], scenario: str) -> None:
+    output, results = quick_run
+    steps = results[scenario]["steps"].get("node")
+    if steps is None:
+        # Not a failure (no node here, or npm ci failed), but the run must say why.
+        skipped = re.search(r"node peer skipped: (.+)", output)
+        assert skipped, "the node peer neither ran nor said why it was skipped"
+        pytest.skip(f"node peer: {skipped.group(1)}")
+    _check_steps("node", steps)
+    section = output.split(f"== scenario {scenario} ==", 1)[1].split("== scenario ", 1)[0]
+    rows = re.findall(r"^node +[0-9]", section, re.MULTILINE)
+    # Its row in the rates table, in the CPU table and in the chatd/peer ratios.
+    assert len(rows) == 3 * len(steps), section
