@@ -38,6 +38,10 @@ from bench.tracking import FEED_STEP, Recorder, results_payload
 # Setup only (not measured): a moderate burst of hellos per process. The resume
 # scenario reconnects everyone at once on purpose.
 CONNECT_CONCURRENCY = 16
+# Connection idx uses source address 127.0.0.(1 + idx // CONNS_PER_SOURCE): one source
+# address has about 28,000 ephemeral ports towards one server port
+# (net.ipv4.ip_local_port_range), so an idle run past that needs several.
+CONNS_PER_SOURCE = 20_000
 CATCHUP_RETRIES = 5
 
 
@@ -60,6 +64,10 @@ def _run(coro: Coroutine[Any, Any, None]) -> None:
         uvloop.run(coro)
 
 
+def source_address(idx: int) -> str:
+    return f"127.0.0.{1 + idx // CONNS_PER_SOURCE}"
+
+
 def worker_main(cfg: WorkerConfig, pipe: Connection) -> None:
     raise_nofile_limit()
     _run(Worker(cfg, pipe).main())
@@ -74,11 +82,16 @@ class Worker:
         self._step: asyncio.Task[dict[str, Any]] | None = None
 
     async def main(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, force_close=True)
-        async with aiohttp.ClientSession(connector=connector) as session:
+        async with contextlib.AsyncExitStack() as stack:
+            sessions: dict[str, aiohttp.ClientSession] = {}
+            for source in sorted({source_address(spec.idx) for spec in self.cfg.specs}):
+                connector = aiohttp.TCPConnector(limit=0, force_close=True,
+                                                 local_addr=(source, 0))
+                sessions[source] = await stack.enter_async_context(
+                    aiohttp.ClientSession(connector=connector))
             cls = ChatdClient if self.cfg.system == "chatd" else SioClient
-            self.clients = [cls(spec, session, self.rec, self.cfg.body_chars)
-                            for spec in self.cfg.specs]
+            self.clients = [cls(spec, sessions[source_address(spec.idx)], self.rec,
+                                self.cfg.body_chars) for spec in self.cfg.specs]
             receipts = None
             if self.cfg.receipts_ms > 0 and self.cfg.system == "chatd":
                 receipts = asyncio.create_task(self._receipts())
