@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import deque
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
@@ -58,7 +57,9 @@ class Conn:
         self.session_id = session_id
         self.max_queue = max_queue
         self.cursors: dict[str, Cursor] = {}
-        self.queue: deque[bytes] = deque()
+        # A list, not a deque: empty it costs 56 bytes instead of 760 on every idle
+        # connection; pop(0) moves at most send_queue_max pointers, on the slow path only.
+        self.queue: list[bytes] = []
         self.close_code: int | None = None
         # Made only while a log read waits for the queue to shrink: an idle connection
         # should not carry an Event (and its deque) it never uses.
@@ -125,7 +126,7 @@ class Conn:
 
     def push_first(self, frame: bytes) -> None:
         """Before `start`: ahead of whatever was pushed already."""
-        self.queue.appendleft(frame)
+        self.queue.insert(0, frame)
 
     def offer(self, room_id: str, seq: int, frame: bytes) -> bool:
         """Queue a room message in seq order. True means a gap opened: start a fill."""
@@ -207,7 +208,7 @@ class Conn:
         try:
             while self.queue:
                 if self._write(self.queue[0]):
-                    self.queue.popleft()
+                    self.queue.pop(0)
                     self._made_room()
                     continue
                 transport = self._out.transport

@@ -188,6 +188,8 @@ async def _welcome(node: Node, fanout: Fanout, conn: Conn, principal: Principal,
 class _Budget:
     """Per-connection limits kept in memory: the connection lives on this node only."""
 
+    __slots__ = ("burst", "invalid", "invalid_max", "invalid_window", "rate", "stamp", "tokens")
+
     def __init__(self, node: Node) -> None:
         limits = node.settings.limits
         self.rate = limits.frame_rate_per_s
