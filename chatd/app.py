@@ -62,7 +62,7 @@ async def _node_ctx(app: web.Application) -> AsyncIterator[None]:
         metrics = Metrics()
         scripts = Scripts(redis.cmd, metrics, settle_s=settings.redis.socket_timeout_s,
                           master_client=redis.master_client if redis.is_cluster else None,
-                          mux=redis.scripts)
+                          mux=redis.script_mux)
         node = Node(settings=settings, node_id=node_id_for(settings), redis=redis,
                     scripts=scripts, metrics=metrics)
         stack.push_async_callback(node.stop_loops)

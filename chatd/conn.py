@@ -25,6 +25,7 @@ from chatd.protocol import CLOSE_RESUME_REQUIRED, ws_text_frame
 log = logging.getLogger("chatd.conn")
 
 _CLOSE_HANDSHAKE_S = 5.0
+_RECHECK_S = 0.01
 
 
 class Cursor:
@@ -215,6 +216,9 @@ class Conn:
                 if transport is None or transport.is_closing():
                     return  # the peer is gone; the reader notices and cleans up
                 await self._out.drain()  # above the high-water mark: wait for the socket
+                if transport.get_write_buffer_size() > self._high_water:
+                    # drain() waits only while the protocol is paused; never spin here.
+                    await asyncio.sleep(_RECHECK_S)
         except (ConnectionError, RuntimeError):
             return
         if self.close_code is not None:

@@ -206,9 +206,12 @@ class Multiplexed:
                                  ("AUTH", p["password"]))
                 if p.get("db"):
                     hello.append(("SELECT", p["db"]))
-                if hello:
-                    for future in wire.send(hello, self._connect_timeout_s):
+                try:
+                    for future in wire.send(hello, self._connect_timeout_s) if hello else ():
                         await future
+                except BaseException as e:  # AUTH refused, or a timeout: do not leak it
+                    wire.close(RedisConnectionError(f"Redis handshake failed: {e}"))
+                    raise
         except TimeoutError:
             raise RedisTimeoutError("timed out connecting to Redis") from None
         except OSError as e:

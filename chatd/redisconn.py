@@ -13,10 +13,11 @@ A node holds these clients to the same server or cluster:
   an error, after which the consumer re-reads its pending entries. A silent
   retry would read only new entries and strand those.
 
-On a standalone server what runs per message (scripts, `raw`, `reader`) goes
-through pipelined connections instead (`multiplex.py`: a fraction of
-redis-py's CPU per call); `scripts` is then the decoded one. On a cluster all
-of them are redis-py clients, which route by slot.
+On a standalone server what runs per message goes through pipelined
+connections instead (`multiplex.py`: a fraction of redis-py's CPU per call):
+`raw`, `reader`, and `script_mux` (decoded) for scripts. On a cluster `raw`
+and `reader` are redis-py clients, which route by slot, and there is no
+`script_mux`.
 
 On a cluster, `master_client(host, port)` also hands out plain clients to one
 master, for the one thing the cluster client cannot do: run a script and a
@@ -52,7 +53,7 @@ class RedisConn:
     raw: Any  # RedisCluster | Multiplexed
     reader: Any
     is_cluster: bool
-    scripts: Multiplexed | None = None  # standalone only
+    script_mux: Multiplexed | None = None  # standalone only
     settings: Settings | None = None
     masters: dict[str, Redis] = field(default_factory=dict)
 
@@ -82,7 +83,7 @@ class RedisConn:
     async def close(self) -> None:
         for client in (self.cmd, *self.masters.values()):
             await client.aclose()
-        for client in (self.raw, self.reader, self.scripts):
+        for client in (self.raw, self.reader, self.script_mux):
             if isinstance(client, Multiplexed):
                 await client.close()
             elif client is not None:
@@ -94,7 +95,7 @@ class RedisConn:
             await self.raw.ping()
             await self.reader.ping()
             return
-        for client in (self.raw, self.reader, self.scripts):
+        for client in (self.raw, self.reader, self.script_mux):
             assert isinstance(client, Multiplexed)
             await client.execute("PING")
 
@@ -160,7 +161,7 @@ def build(settings: Settings, url: str) -> RedisConn:
                         retries=_RETRIES),
         raw=mux(decode=False, retries=_RETRIES),
         reader=mux(decode=False),  # the block time is added per read
-        scripts=mux(decode=True, retries=_RETRIES),
+        script_mux=mux(decode=True, retries=_RETRIES),
         is_cluster=False, settings=settings)
 
 

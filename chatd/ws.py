@@ -2,7 +2,7 @@
 
 The handler task is the only reader of its socket. Frames are processed one
 at a time, so a client's sends are stored in the order it sent them; replies
-and room traffic go out through the connection's queue (`conn.py`).
+and room traffic go out through the connection (`conn.py`), in order.
 """
 
 from __future__ import annotations
