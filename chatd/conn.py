@@ -74,9 +74,14 @@ class Conn:
         return self.close_code is not None
 
     def start(self) -> None:
-        """Begin writing: frames pushed until now (the welcome first) wait in the queue."""
+        """Begin writing: frames pushed until now (the welcome first) go out in order, at
+        once while the socket keeps up, so a connection that then stays idle never needs
+        a writer task."""
         self._started = True
-        self._kick()
+        while self.queue and self._write(self.queue[0]):
+            self.queue.pop(0)
+        if self.queue or self.close_code is not None:
+            self._kick()
 
     def push(self, frame: bytes) -> None:
         if self.close_code is not None or self.ws.closed:
@@ -207,19 +212,24 @@ class Conn:
     async def _writer(self) -> None:
         """Drain the backlog at the socket's pace, then end (push starts another)."""
         try:
-            while self.queue:
-                if self._write(self.queue[0]):
-                    self.queue.pop(0)
-                    self._made_room()
-                    continue
-                transport = self._out.transport
-                if transport is None or transport.is_closing():
-                    return  # the peer is gone; the reader notices and cleans up
-                await self._out.drain()  # above the high-water mark: wait for the socket
-                if transport.get_write_buffer_size() > self._high_water:
-                    # drain() waits only while the protocol is paused; never spin here.
-                    await asyncio.sleep(_RECHECK_S)
-        except (ConnectionError, RuntimeError):
-            return
-        if self.close_code is not None:
-            await self.ws.close(code=self.close_code)
+            try:
+                while self.queue:
+                    if self._write(self.queue[0]):
+                        self.queue.pop(0)
+                        self._made_room()
+                        continue
+                    transport = self._out.transport
+                    if transport is None or transport.is_closing():
+                        return  # the peer is gone; the reader notices and cleans up
+                    await self._out.drain()  # above the high-water mark: wait for the socket
+                    if transport.get_write_buffer_size() > self._high_water:
+                        # drain() waits only while the protocol is paused; never spin here.
+                        await asyncio.sleep(_RECHECK_S)
+            except (ConnectionError, RuntimeError):
+                return
+            if self.close_code is not None:
+                await self.ws.close(code=self.close_code)
+        finally:
+            # A finished task kept here would cost every idle connection its Task and
+            # coroutine (about 500 bytes); `stop` and `closed` hold their own reference.
+            self._task = None

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from redis.exceptions import RedisError
 
 from chatd.appkeys import NODE
@@ -17,11 +17,15 @@ log = logging.getLogger("chatd.http")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-SECURITY_HEADERS = {
-    "X-Content-Type-Options": "nosniff",
-    "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",
-    "Cross-Origin-Opener-Policy": "same-origin",
+# aiohttp's `istr` names, not plain strings: a case-insensitive header map stores a
+# lowercased copy of every plain-str name it is given, and a WebSocket's response (with
+# these headers) lives as long as the socket, so plain names cost every idle
+# connection about 600 bytes.
+SECURITY_HEADERS: dict[str, str] = {
+    hdrs.X_CONTENT_TYPE_OPTIONS: "nosniff",
+    hdrs.X_FRAME_OPTIONS: "DENY",
+    hdrs.REFERRER_POLICY: "no-referrer",
+    hdrs.CROSS_ORIGIN_OPENER_POLICY: "same-origin",
 }
 
 

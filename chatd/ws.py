@@ -61,7 +61,9 @@ async def handler(request: web.Request) -> web.StreamResponse:
     out = await ws.prepare(request)
     node.metrics.connections.inc()
     try:
-        await _session(request, ws, out, node)
+        conn = await _open(request, ws, out, node)
+        if conn is not None:
+            await _read_loop(ws, node, request.app[FANOUT], conn)
     except (ChatError, RedisError, OSError) as e:
         log.warning("connection ended by a storage error", extra={"error": repr(e)})
         if not ws.closed:
@@ -80,17 +82,22 @@ async def handler(request: web.Request) -> web.StreamResponse:
     return ws
 
 
-async def _session(request: web.Request, ws: web.WebSocketResponse, out: AbstractStreamWriter,
-                   node: Node) -> None:
+async def _open(request: web.Request, ws: web.WebSocketResponse, out: AbstractStreamWriter,
+                node: Node) -> Conn | None:
+    """`hello`, the welcome and going live; None when the connection was refused.
+
+    A coroutine of its own that ends before the read loop starts: the hello, the
+    token and the principal go with its frame instead of staying alive as long as
+    the connection."""
     hello = await _read_hello(ws, node)
     if hello is None:
-        return
+        return None
     token = hello.token or auth.bearer_token(request) or ""
     try:
         principal = await auth.verify_token(node, token)
     except ChatError as e:
         await _refuse(ws, e, hello.id)
-        return
+        return None
     fanout = request.app[FANOUT]
     conn = Conn(ws, out, principal.user_id, principal.session_id,
                 node.settings.limits.send_queue_max, node.metrics.frames_out)
@@ -100,24 +107,32 @@ async def _session(request: web.Request, ws: web.WebSocketResponse, out: Abstrac
     except TooManyConnections:
         await presence.refused(node, conn.user_id, fanout.remove_conn(conn))
         await ws.close(code=CLOSE_TOO_MANY, message=b"too many connections")
-        return
+        return None
     except (ChatError, RedisError, OSError):
         await presence.refused(node, conn.user_id, fanout.remove_conn(conn))
         raise
+    live = False
     try:
         # Now that this node is listed for the user, a logout notifies us; one that
         # happened before the listing is caught by checking the session again.
         await auth.verify_token(node, token)
         await _welcome(node, fanout, conn, principal, hello)
-        await _read_loop(ws, node, conn)
+        live = True
     except ChatError as e:
         if e.code != "unauthorized":
             raise
         await _refuse(ws, e, hello.id)
     finally:
-        last = fanout.remove_conn(conn)
-        await conn.stop()
-        node.spawn(lambda: presence.closed(node, conn.user_id, last), retry=True)
+        if not live:
+            await _release(node, fanout, conn)
+    return conn if live else None
+
+
+async def _release(node: Node, fanout: Fanout, conn: Conn) -> None:
+    """Undo `_open` for a connection that went live or failed on the way."""
+    last = fanout.remove_conn(conn)
+    await conn.stop()
+    node.spawn(lambda: presence.closed(node, conn.user_id, last), retry=True)
 
 
 async def _refuse(ws: web.WebSocketResponse, err: ChatError, request_id: str | None) -> None:
@@ -196,7 +211,9 @@ class _Budget:
         self.burst = float(limits.frame_burst)
         self.tokens = self.burst
         self.stamp = time.monotonic()
-        self.invalid: list[float] = []  # a list, not a deque: 56 bytes idle instead of 760
+        # Made at the first invalid frame, which most connections never send; a list, not
+        # a deque, for the same reason (56 bytes instead of 760).
+        self.invalid: list[float] | None = None
         self.invalid_max = limits.invalid_frames_max
         self.invalid_window = limits.invalid_frames_window_s
 
@@ -213,48 +230,62 @@ class _Budget:
     def strike(self) -> bool:
         """Count an invalid frame; True when the connection has had too many."""
         now = time.monotonic()
+        if self.invalid is None:
+            self.invalid = []
         self.invalid.append(now)
         del self.invalid[:bisect.bisect_left(self.invalid, now - self.invalid_window)]
         return len(self.invalid) >= self.invalid_max
 
 
-async def _read_loop(ws: web.WebSocketResponse, node: Node, conn: Conn) -> None:
+_ENDED = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED)
+
+
+async def _read_loop(ws: web.WebSocketResponse, node: Node, fanout: Fanout, conn: Conn) -> None:
+    """Read and answer frames until the connection ends, then release it.
+
+    `receive()` rather than `async for`: the iterator's `__anext__` would be one more
+    coroutine kept alive on every idle connection."""
     budget = _Budget(node)
     max_body = node.settings.limits.max_body_chars
     metrics = node.metrics
-    async for msg in ws:
-        if conn.closing:
-            break
-        metrics.frames_in.inc()
-        if msg.type == WSMsgType.TEXT:
-            try:
-                frame = protocol.decode(msg.data, max_body)
-            except FrameError as e:
-                conn.push(protocol.error_frame(e, e.request_id))
-                metrics.errors.labels(e.code).inc()
-                if e.code == "bad_request" and budget.strike():
+    try:
+        while True:
+            msg = await ws.receive()
+            if msg.type in _ENDED or conn.closing:
+                break
+            metrics.frames_in.inc()
+            if msg.type == WSMsgType.TEXT:
+                try:
+                    frame = protocol.decode(msg.data, max_body)
+                except FrameError as e:
+                    conn.push(protocol.error_frame(e, e.request_id))
+                    metrics.errors.labels(e.code).inc()
+                    if e.code == "bad_request" and budget.strike():
+                        conn.close(CLOSE_POLICY, flush=True)
+                    continue
+            else:  # binary frames are not part of the protocol
+                conn.push(protocol.error_frame(
+                    FrameError("binary frames are not accepted", None), None))
+                if budget.strike():
                     conn.close(CLOSE_POLICY, flush=True)
                 continue
-        else:  # binary frames are not part of the protocol
-            conn.push(protocol.error_frame(FrameError("binary frames are not accepted", None),
-                                           None))
-            if budget.strike():
-                conn.close(CLOSE_POLICY, flush=True)
-            continue
-        wait_ms = budget.take()
-        if wait_ms:
-            err = ChatError("rate_limited", "too many frames", retry_after_ms=wait_ms)
-            conn.push(protocol.error_frame(err, frame.id))
-            continue
-        try:
-            await _dispatch(node, conn, frame)
-        except (RedisError, OSError, RuntimeError) as e:
-            # RuntimeError: redis-py's cluster client may close a connection under a
-            # command in flight during a failover (see scripts.py); retrying is safe.
-            log.warning("storage error", extra={"error": repr(e)})
-            _reply_error(conn, node, ChatError("unavailable", "storage is unavailable"), frame.id)
-        except ChatError as e:
-            _reply_error(conn, node, e, frame.id)
+            wait_ms = budget.take()
+            if wait_ms:
+                err = ChatError("rate_limited", "too many frames", retry_after_ms=wait_ms)
+                conn.push(protocol.error_frame(err, frame.id))
+                continue
+            try:
+                await _dispatch(node, conn, frame)
+            except (RedisError, OSError, RuntimeError) as e:
+                # RuntimeError: redis-py's cluster client may close a connection under a
+                # command in flight during a failover (see scripts.py); retrying is safe.
+                log.warning("storage error", extra={"error": repr(e)})
+                _reply_error(conn, node, ChatError("unavailable", "storage is unavailable"),
+                             frame.id)
+            except ChatError as e:
+                _reply_error(conn, node, e, frame.id)
+    finally:
+        await _release(node, fanout, conn)
 
 
 def _reply_error(conn: Conn, node: Node, err: ChatError, request_id: str | None) -> None:
