@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 
-import aiohttp
 import msgspec
 
 from bench.client_base import BaseClient
@@ -32,7 +31,6 @@ class _Frame(msgspec.Struct):
 
 _decode = msgspec.json.Decoder(_Frame).decode
 _encode = msgspec.json.Encoder().encode
-_TEXT = aiohttp.WSMsgType.TEXT
 
 
 class ChatdClient(BaseClient):
@@ -44,11 +42,11 @@ class ChatdClient(BaseClient):
     def url(self) -> str:
         return self.spec.url + "/ws"
 
-    async def handshake(self, ws: aiohttp.ClientWebSocketResponse, resume: bool) -> None:
+    def handshake(self, resume: bool) -> None:
         hello: dict[str, object] = {"type": "hello", "token": self.spec.token}
         if resume and self.tracks:
             hello["resume"] = {room: tr.last for room, tr in self.tracks.items()}
-        await ws.send_frame(_encode(hello), _TEXT)
+        self.send_frame(_encode(hello))
 
     def on_text(self, data: str) -> None:
         f = _decode(data)
@@ -75,9 +73,8 @@ class ChatdClient(BaseClient):
             rec.other_frames += 1
 
     async def send(self, step: int, intended_ns: int) -> None:
-        ws = self.ws
         room = self.spec.send_room
-        if ws is None or room is None or not self.up:
+        if room is None or not self.can_send():
             self.rec.skipped += 1
             return
         self.n += 1
@@ -86,8 +83,8 @@ class ChatdClient(BaseClient):
         now = time.time_ns()
         self.pending[rid] = (step, now)
         self.rec.sent_one(step, intended_ns, now)
-        await ws.send_frame(_encode({"type": "send", "id": rid, "room_id": room,
-                                     "client_msg_id": rid, "body": body}), _TEXT)
+        self.send_frame(_encode({"type": "send", "id": rid, "room_id": room,
+                                 "client_msg_id": rid, "body": body}))
 
     def in_flight(self) -> int:
         return len(self.pending)
@@ -100,11 +97,9 @@ class ChatdClient(BaseClient):
 
     async def report_delivered(self) -> None:
         """Cumulative `delivered` receipts for rooms that advanced (--receipts-ms)."""
-        ws = self.ws
-        if ws is None or not self.up:
+        if not self.can_send():
             return
         for room, tr in self.tracks.items():
             if tr.last > self.reported.get(room, 0):
                 self.reported[room] = tr.last
-                await ws.send_frame(_encode({"type": "delivered", "room_id": room,
-                                             "seq": tr.last}), _TEXT)
+                self.send_frame(_encode({"type": "delivered", "room_id": room, "seq": tr.last}))

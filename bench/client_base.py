@@ -1,39 +1,38 @@
-"""What both lean load-generator clients share: connect, read loop, reconnect, close.
+"""What both lean load-generator clients share: connect, receive, send, reconnect, close.
 
-A client is one WebSocket connection of one user, driven by its process's
-event loop. Subclasses implement the wire protocol: ``url``, ``handshake``,
-``on_text`` and ``send``. Every received text frame is handled synchronously
-in the reader task (no task per frame).
+A client is one WebSocket connection of one user (bench/wsclient.py), driven
+by its process's event loop. Subclasses implement the wire protocol: ``url``,
+``handshake``, ``on_text`` and ``send``. Every received text message is
+handled synchronously where the socket's data arrives (no task or future per
+frame), and every frame is written straight to the socket.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import Any
-
-import aiohttp
 
 from bench.plan import ConnSpec
 from bench.tracking import Recorder, Track
+from bench.wsclient import WebSocket
 
 MAX_RECONNECTS = 5
+# TCP connect and upgrade handshake (aiohttp's default sock_connect timeout).
+OPEN_TIMEOUT_S = 30.0
 
 
 class BaseClient:
-    def __init__(self, spec: ConnSpec, session: aiohttp.ClientSession, rec: Recorder,
-                 body_chars: int) -> None:
+    def __init__(self, spec: ConnSpec, source: str, rec: Recorder, body_chars: int) -> None:
         self.spec = spec
-        self.session = session
+        self.source = source  # local address to connect from (see loadgen.source_address)
         self.rec = rec
         self.body_chars = body_chars
         self.tracks: dict[str, Track] = {}
-        self.ws: aiohttp.ClientWebSocketResponse | None = None
+        self.ws: WebSocket | None = None
         self.up = False
         self.stopping = False
         self.n = 0  # messages this connection sent
         self._ready: asyncio.Future[None] | None = None
-        self._reader: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._reconnecting = False
         self._connecting = asyncio.Lock()
@@ -43,7 +42,8 @@ class BaseClient:
     def url(self) -> str:
         raise NotImplementedError
 
-    async def handshake(self, ws: aiohttp.ClientWebSocketResponse, resume: bool) -> None:
+    def handshake(self, resume: bool) -> None:
+        """The WebSocket is open: say what the server waits for before it accepts."""
         raise NotImplementedError
 
     def on_text(self, data: str) -> None:
@@ -61,6 +61,17 @@ class BaseClient:
 
     # --- lifecycle --------------------------------------------------------------
 
+    def can_send(self) -> bool:
+        """Up and no close under way (a server's close is answered before the socket ends)."""
+        return self.up and self.ws is not None and self.ws.is_open
+
+    def send_frame(self, data: bytes | str) -> None:
+        """Write one text frame; ConnectionResetError when the connection is not open."""
+        ws = self.ws
+        if ws is None:
+            raise ConnectionResetError("never connected")
+        ws.send_text(data)
+
     def ready(self) -> None:
         if self._ready is not None and not self._ready.done():
             self._ready.set_result(None)
@@ -77,40 +88,31 @@ class BaseClient:
         """
         async with self._connecting:
             self.stopping = False
-            ws = await self.session.ws_connect(self.url(), autoping=True, max_msg_size=0,
-                                               timeout=aiohttp.ClientWSTimeout(ws_close=5))
-            self.ws = ws
-            self._ready = asyncio.get_running_loop().create_future()
-            reader = self._reader = asyncio.create_task(self._read(ws))
+            # Both set before the socket exists: the server may speak first, in the
+            # same segment as its upgrade response (socket.io's open packet).
+            ws = self.ws = WebSocket(self.url(), self.on_text, self._lost)
+            ready = self._ready = asyncio.get_running_loop().create_future()
             try:
-                await self.handshake(ws, resume)
-                await asyncio.wait_for(asyncio.shield(self._ready), limit_s)
+                await asyncio.wait_for(ws.open(self.source), OPEN_TIMEOUT_S)
+                self.handshake(resume)
+                await asyncio.wait_for(asyncio.shield(ready), limit_s)
             except BaseException:
+                ready.cancel()  # nobody waits for it any more
                 await ws.close()
-                with contextlib.suppress(Exception, asyncio.CancelledError):
-                    await asyncio.wait_for(reader, 5)
                 raise
             self.up = True
 
-    async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        try:
-            while True:
-                msg = await ws.receive()
-                if msg.type == aiohttp.WSMsgType.TEXT:
-                    self.on_text(msg.data)
-                elif msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING,
-                                  aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
-                    break
-        finally:
-            was_up = self.up and self.ws is ws
-            if self.ws is ws:
-                self.up = False
-                self.refuse(f"closed with {ws.close_code}")
-                self.on_down()
-            if was_up and not self.stopping:
-                # Closed by the server while in use: reconnect (chatd: with resume).
-                self.rec.closes[str(ws.close_code)] += 1
-                self.spawn(self._reconnect())
+    def _lost(self, ws: WebSocket) -> None:
+        if self.ws is not ws:
+            return
+        was_up = self.up
+        self.up = False
+        self.refuse(f"closed with {ws.close_code}")
+        self.on_down()
+        if was_up and not self.stopping:
+            # Closed by the server while in use: reconnect (chatd: with resume).
+            self.rec.closes[str(ws.close_code)] += 1
+            self.spawn(self._reconnect())
 
     async def _reconnect(self) -> None:
         if self._reconnecting:
@@ -123,7 +125,7 @@ class BaseClient:
                     return
                 try:
                     await self.connect(resume=True)
-                except (aiohttp.ClientError, OSError, TimeoutError, ConnectionError):
+                except (OSError, TimeoutError):
                     continue
                 self.rec.reconnects += 1
                 return
@@ -137,13 +139,9 @@ class BaseClient:
 
     async def close(self) -> None:
         self.stopping = True
-        ws, reader = self.ws, self._reader
-        if ws is not None and not ws.closed:
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await asyncio.wait_for(ws.close(), 5)
-        if reader is not None:
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await asyncio.wait_for(reader, 5)
+        ws = self.ws
+        if ws is not None:
+            await ws.close()
         for task in list(self._tasks):
             task.cancel()
         self.up = False

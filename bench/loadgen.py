@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
-import aiohttp
 import psutil
 
 from bench.chatd_client import ChatdClient
@@ -34,6 +33,7 @@ from bench.cluster import BenchError, cpu_seconds, raise_nofile_limit
 from bench.peers.sio_client import SioClient
 from bench.plan import FEEDER, MEMBER, ConnSpec
 from bench.tracking import FEED_STEP, Recorder, results_payload
+from bench.waketimer import WakeTimer
 
 # Setup only (not measured): a moderate burst of hellos per process. The resume
 # scenario reconnects everyone at once on purpose.
@@ -80,40 +80,36 @@ class Worker:
         self.rec = Recorder()
         self.clients: list[BaseClient] = []
         self._step: asyncio.Task[dict[str, Any]] | None = None
+        self._timer: WakeTimer | None = None  # made in main(): it needs the running loop
 
     async def main(self) -> None:
-        async with contextlib.AsyncExitStack() as stack:
-            sessions: dict[str, aiohttp.ClientSession] = {}
-            for source in sorted({source_address(spec.idx) for spec in self.cfg.specs}):
-                connector = aiohttp.TCPConnector(limit=0, force_close=True,
-                                                 local_addr=(source, 0))
-                sessions[source] = await stack.enter_async_context(
-                    aiohttp.ClientSession(connector=connector))
-            cls = ChatdClient if self.cfg.system == "chatd" else SioClient
-            self.clients = [cls(spec, sessions[source_address(spec.idx)], self.rec,
-                                self.cfg.body_chars) for spec in self.cfg.specs]
-            receipts = None
-            if self.cfg.receipts_ms > 0 and self.cfg.system == "chatd":
-                receipts = asyncio.create_task(self._receipts())
-            loop = asyncio.get_running_loop()
-            try:
-                while True:
-                    try:
-                        cmd, args = await loop.run_in_executor(None, self.pipe.recv)
-                    except (EOFError, OSError):
-                        break
-                    handler: Callable[..., Coroutine[Any, Any, Any]] = getattr(self, f"cmd_{cmd}")
-                    try:
-                        reply = ("ok", await handler(*args))
-                    except Exception:
-                        reply = ("error", traceback.format_exc())
-                    self.pipe.send(reply)
-                    if cmd == "stop":
-                        break
-            finally:
-                if receipts is not None:
-                    receipts.cancel()
-                await self.cmd_stop()
+        timer = self._timer = WakeTimer()
+        cls = ChatdClient if self.cfg.system == "chatd" else SioClient
+        self.clients = [cls(spec, source_address(spec.idx), self.rec, self.cfg.body_chars)
+                        for spec in self.cfg.specs]
+        receipts = None
+        if self.cfg.receipts_ms > 0 and self.cfg.system == "chatd":
+            receipts = asyncio.create_task(self._receipts())
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                try:
+                    cmd, args = await loop.run_in_executor(None, self.pipe.recv)
+                except (EOFError, OSError):
+                    break
+                handler: Callable[..., Coroutine[Any, Any, Any]] = getattr(self, f"cmd_{cmd}")
+                try:
+                    reply = ("ok", await handler(*args))
+                except Exception:
+                    reply = ("error", traceback.format_exc())
+                self.pipe.send(reply)
+                if cmd == "stop":
+                    break
+        finally:
+            if receipts is not None:
+                receipts.cancel()
+            await self.cmd_stop()
+            timer.close()
 
     def _pick(self, roles: list[str] | None) -> list[BaseClient]:
         return [c for c in self.clients if roles is None or c.spec.role in roles]
@@ -127,7 +123,7 @@ class Worker:
             async with sem:
                 try:
                     await c.connect(resume=resume)
-                except (aiohttp.ClientError, OSError, TimeoutError, ConnectionError) as e:
+                except (OSError, TimeoutError) as e:
                     failures.append(repr(e))
 
         picked = self._pick(roles)
@@ -158,6 +154,8 @@ class Worker:
     async def _run_step(self, step: int, rate: float, t0: float, duration: float,
                         warmup: float) -> dict[str, Any]:
         senders = [c for c in self.clients if c.spec.send_room and c.spec.role == MEMBER]
+        timer = self._timer
+        assert timer is not None
         total = len(senders) * rate
         phase = self.cfg.index / self.cfg.workers
         window_start: dict[str, int] | None = None
@@ -182,10 +180,10 @@ class Worker:
                 k += 1
                 try:
                     await client.send(step, int(intended * 1e9))
-                except (ConnectionError, RuntimeError, aiohttp.ClientError):
+                except ConnectionError:
                     self.rec.fail("send_error")
             next_at = t0 + (k + phase) / total
-            await asyncio.sleep(max(0.0, min(0.01, next_at - time.time())))
+            await timer.sleep_until(min(next_at, time.time() + 0.01))
         await asyncio.sleep(max(0.0, t0 + duration - time.time()))
         window_end = self.rec.counters()
         return {"start": window_start or window_end, "end": window_end}
@@ -232,7 +230,7 @@ class Worker:
                 try:
                     await c.connect(resume=True, limit_s=limit_s)
                     break
-                except (aiohttp.ClientError, OSError, TimeoutError, ConnectionError):
+                except (OSError, TimeoutError):
                     if attempt == CATCHUP_RETRIES:
                         connect_failed += 1
                         return
@@ -254,7 +252,7 @@ class Worker:
             await asyncio.sleep(self.cfg.receipts_ms / 1000)
             for c in self.clients:
                 if isinstance(c, ChatdClient):
-                    with contextlib.suppress(ConnectionError, RuntimeError, aiohttp.ClientError):
+                    with contextlib.suppress(ConnectionError):
                         await c.report_delivered()
 
     async def cmd_latency(self, step: int) -> list[int]:
