@@ -90,6 +90,21 @@ def tail(path: Path, lines: int = 30) -> str:
         return ""
 
 
+def run_queue_wait_s(pid: int) -> float:
+    """Seconds the process's threads were runnable but waiting for a core.
+
+    The second field of /proc/PID/task/TID/schedstat (Linux; 0.0 elsewhere or
+    once the process is gone). Compared with CPU seconds, it tells how much of
+    a latency tail is the processes queueing for the machine's cores.
+    """
+    total = 0
+    with contextlib.suppress(OSError):
+        for task in os.scandir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                total += int(Path(task.path, "schedstat").read_text().split()[1])
+    return total / 1e9
+
+
 def cpu_seconds(proc: psutil.Process) -> float:
     """User + system CPU of a process and of its reaped children."""
     t = proc.cpu_times()

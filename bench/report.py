@@ -33,6 +33,7 @@ class StepResult:
     cmds_per_send: float
     drained: bool
     saturated: str = ""  # why this step counts as saturated ("" = it kept up)
+    wait_s: float = 0.0  # seconds the run's processes waited for a core (run queue), summed
     p50_ms: float | None = None
     p99_ms: float | None = None
     p999_ms: float | None = None
@@ -120,7 +121,8 @@ _RATES = [("system", 6), ("step", 4), ("offered/s", 9), ("sent/s", 9), ("deliv/s
           ("acks/s", 8), ("p50 ms", 7), ("p99 ms", 8), ("p999 ms", 8), ("lost", 6),
           ("late", 5), ("dup", 4), ("failed", 6), ("saturated", 9)]
 _COSTS = [("system", 6), ("step", 4), ("deliv/srv-cpu-s", 15), ("srv cpu-s", 9),
-          ("redis cpu-s", 11), ("cli cpu-s", 9), ("other cpu-s", 11), ("srv cpu-s/1k", 12),
+          ("redis cpu-s", 11), ("cli cpu-s", 9), ("other cpu-s", 11), ("core wait s", 11),
+          ("srv cpu-s/1k", 12),
           ("redis cpu-s/1k", 14), ("scripts/send", 12), ("cmds/send", 9)]
 
 
@@ -135,11 +137,12 @@ def steps_table(result: ScenarioResult) -> str:
                           "yes" if s.saturated else "no"])
             costs.append([system, str(s.step), _f(s.deliv_per_server_cpu_s, 0),
                           _f(s.server_cpu, 2), _f(s.redis_cpu, 2), _f(s.client_cpu, 2),
-                          _f(s.other_cpu, 2), _f(s.server_cpu_per_1k, 3),
+                          _f(s.other_cpu, 2), _f(s.wait_s, 2), _f(s.server_cpu_per_1k, 3),
                           _f(s.redis_cpu_per_1k, 3), _f(s.scripts_per_send, 2),
                           _f(s.cmds_per_send, 1)])
     return (_table(_RATES, rates) + "\n\nCPU (step start to end of its drain; other = "
-            "processes outside this run)\n" + _table(_COSTS, costs))
+            "processes outside this run; core wait = time the run's processes were "
+            "runnable but queued for a core)\n" + _table(_COSTS, costs))
 
 
 def ratios(result: ScenarioResult) -> list[dict[str, Any]]:

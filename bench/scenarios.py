@@ -30,6 +30,7 @@ from bench.cluster import (
     cpu_seconds,
     environment,
     redis_command_calls,
+    run_queue_wait_s,
 )
 from bench.loadgen import WorkerPool
 from bench.peers import node_setup
@@ -93,6 +94,7 @@ class Sample:
     redis: float
     clients: float
     machine: float  # busy CPU-s of the whole machine (all processes, kernel included)
+    wait: float  # run-queue wait of the run's servers, Redis and clients (runnable, no core)
     bench: float  # this orchestrating process
     calls: dict[str, int]
     status: dict[str, int]
@@ -116,8 +118,10 @@ def _machine_busy() -> float:
 def _sample(stack: Stack, pool: WorkerPool, with_status: bool = True) -> Sample:
     assert stack.valkey is not None
     status = pool.sum_status() if with_status else {}
+    pids = [n.proc.pid for n in stack.nodes] + [stack.valkey.pid] + [p.pid for p in pool.ps]
     return Sample(time.time(), sum(n.proc.cpu() for n in stack.nodes), stack.valkey.cpu(),
-                  pool.cpu(), _machine_busy(), cpu_seconds(_ME),
+                  pool.cpu(), _machine_busy(), sum(map(run_queue_wait_s, pids)),
+                  cpu_seconds(_ME),
                   redis_command_calls(stack.valkey_port), status)
 
 
@@ -196,6 +200,7 @@ def _run_steps(opts: Options, stack: Stack, pool: WorkerPool, specs: list[ConnSp
             span_deliveries=s1.status["deliveries"] - s0.status["deliveries"],
             server_cpu=s1.server - s0.server, redis_cpu=s1.redis - s0.redis,
             client_cpu=s1.clients - s0.clients, other_cpu=s1.others(s0),
+            wait_s=s1.wait - s0.wait,
             scripts_per_send=scripts / sends if sends else 0.0,
             cmds_per_send=cmds / sends if sends else 0.0,
             drained=drained, p99_ms=_ms(percentile(lat, 0.99)),
