@@ -415,10 +415,12 @@ def run_idle(opts: Options) -> ScenarioResult:
             _sleep_until(time.time() + opts.idle_window_s, stack)
             b = _sample(stack, pool, with_status=False)
             connect_s = _connect(opts, pool, "chatd")
-            time.sleep(1.0)
+            # Measure once every connection is past its first ping (steady state), over
+            # at least one heartbeat: a shorter window may hold no ping at all.
+            _sleep_until(time.time() + max(1.0, opts.heartbeat_s), stack)
             rss1 = sum(n.proc.rss() for n in stack.nodes)
             c = _sample(stack, pool, with_status=False)
-            _sleep_until(time.time() + opts.idle_window_s, stack)
+            _sleep_until(time.time() + max(opts.idle_window_s, opts.heartbeat_s), stack)
             d = _sample(stack, pool, with_status=False)
             status = pool.sum_status()
         finally:
