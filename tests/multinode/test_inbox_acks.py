@@ -1,0 +1,52 @@
+"""Inbox entries are acked and deleted once handed to sockets (chatd/broker.py).
+
+Acks ride with a later read (ACK_EVERY_S), so a node's inbox must still empty
+soon after traffic stops: nothing pending, nothing left in the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+
+from chatd import keys
+from chatd.broker import GROUP
+from tests.client import FAST_ENV, Api, connect
+from tests.harness import ChatdNodes, ValkeyProcess
+
+PARTITIONS = 16
+MESSAGES = 40
+
+
+async def test_inbox_is_acked_and_emptied_after_a_burst(
+        valkey: ValkeyProcess, chatd_nodes: ChatdNodes) -> None:
+    (node,) = await chatd_nodes.start(1, redis_url=valkey, env=FAST_ENV)
+    admin = valkey.client()
+    try:
+        async with aiohttp.ClientSession() as http:
+            api = Api(http, node.url)
+            alice, bob = await api.register(), await api.register()
+            room = await api.group(alice, [bob])
+            bob_ws = await connect(http, node.ws_url, bob)
+            alice_ws = await connect(http, node.ws_url, alice)
+            for i in range(MESSAGES):
+                await alice_ws.send_message(room, f"m{i}")
+            got = await bob_ws.wait_messages(room, MESSAGES)
+            assert [m["seq"] for m in got] == list(range(1, MESSAGES + 1))
+
+            inbox = keys.inbox(keys.partition_of(room, PARTITIONS), node.node_id)
+            # The last acks go out with the read after the burst's: within fanout.block_ms.
+            deadline = asyncio.get_running_loop().time() + 5
+            while True:
+                pending = (await admin.xpending(inbox, GROUP))["pending"]
+                length = await admin.xlen(inbox)
+                if pending == length == 0:
+                    break
+                assert asyncio.get_running_loop().time() < deadline, (
+                    f"{pending} pending, {length} left in {inbox} 5 s after the burst")
+                await asyncio.sleep(0.05)
+            await alice_ws.close()
+            await bob_ws.close()
+    finally:
+        await admin.aclose()
