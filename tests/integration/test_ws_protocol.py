@@ -1,5 +1,5 @@
 """The WebSocket protocol on one real chatd node (PROTOCOL.md section 3): hello rules,
-welcome, per-user connection limit, frame size, ping, send rate limit, idempotency and
+welcome, per-user connection limit, frame size, ping, heartbeat, send rate limit, idempotency and
 typing. Real Valkey, real chatd process, real WebSocket clients."""
 
 from __future__ import annotations
@@ -647,3 +647,36 @@ async def test_typing_goes_to_the_other_members_only(
         for w in (alice1, alice2, bob_ws, carol_ws, dave_ws):
             await w.close()
     assert_clean_logs(node)
+
+
+# --- heartbeat ----------------------------------------------------------------------------
+
+
+async def test_a_peer_that_stops_answering_pings_is_dropped_and_goes_offline(
+        valkey: ValkeyProcess, chatd_nodes: ChatdNodes) -> None:
+    """PROTOCOL.md section 3: servers ping every `heartbeat_s` and drop connections that do
+    not answer. A client that still reads but never pongs is cut; one that pongs stays."""
+    node = await start_node(chatd_nodes, valkey, {"CHATD_LIMITS__HEARTBEAT_S": "1"})
+    async with aiohttp.ClientSession() as http:
+        api = Api(http, node.url)
+        alice, bob = await api.register(), await api.register()
+        room = await api.group(alice, [bob])
+        bob_ws = await connect(http, node.ws_url, bob)  # aiohttp answers pings for bob
+        mute = Ws(await http.ws_connect(node.ws_url, autoping=False))  # pings go unanswered
+        mute.start()
+        await mute.send({"type": "hello", "token": alice.token})
+        await mute.wait_type("welcome")
+        await bob_ws.wait_type("presence", user_id=alice.user_id, online=True)
+        t0 = time.monotonic()
+
+        await mute.wait_closed(timeout=10)
+        dropped_after = time.monotonic() - t0
+        # One heartbeat without traffic, then half a heartbeat to answer (aiohttp).
+        assert dropped_after < 5, dropped_after
+        await bob_ws.wait_type("presence", user_id=alice.user_id, online=False, timeout=10)
+
+        await asyncio.sleep(max(0.0, 3.5 - (time.monotonic() - t0)))  # 3+ heartbeats
+        assert bob_ws.closed_code is None
+        ack = await bob_ws.send_message(room, "still here")
+        assert ack["type"] == "ack", ack
+        await bob_ws.close()
