@@ -2,20 +2,25 @@
 
 Every node reads one inbox stream per partition plus its control inbox, in a
 consumer group of its own, and XACKs (then XDELs) entries only after handing
-them to local sockets: in the same round trip as a later read, at most
-ACK_EVERY_S after the first of them was handed over. After a Redis connection
-drop the consumer re-reads its pending entries first (id "0"), so a burst or a
-drop loses nothing; what it hands over twice, sockets drop by seq.
+them to local sockets, in batches (ACK_EVERY_S, ACK_MAX_IDS). After a Redis
+connection drop the consumer re-reads its pending entries first (from id
+"0"), so a burst or a drop loses nothing; what it hands over twice, sockets
+drop by seq.
 
-On a standalone server one blocking XREADGROUP covers every stream; on a
-cluster the streams live in different slots, so each gets its own reader.
+On a standalone server one blocking XREADGROUP covers every stream, and
+while live the consumer keeps several of them queued ahead (`_read_ahead`);
+on a cluster the streams live in different slots, so each gets its own
+reader, one read at a time.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from redis.exceptions import ResponseError
 
@@ -29,13 +34,14 @@ log = logging.getLogger("chatd.broker")
 
 GROUP = "chatd"
 
-# Acks ride with a read once this old or this many. Acking every read made
-# Redis answer the acks at once while the read blocked: one more wakeup, socket
-# read and task step per inbox read, which at a message per read (light load)
-# was most of what a read cost. Delay and count bound what a dropped
-# connection re-reads.
+# Handed-over entries are acked at the first read once this old or this many.
+# Acking after every read cost a round trip per read, which at light load (a
+# message per read) was most of what a read cost. Delay and count bound what a
+# dropped connection re-reads.
 ACK_EVERY_S = 0.05
 ACK_MAX_IDS = 512
+# Inbox reads kept queued on a standalone server (`_read_ahead`).
+READ_AHEAD = 8
 
 
 class Broker:
@@ -80,24 +86,30 @@ class Broker:
         cursors = dict.fromkeys(streams, "0")
         handled: dict[str, list[bytes]] = {}  # handed to sockets, not acked yet
         due = 0.0  # when they must be acked (monotonic)
+        ahead: deque[asyncio.Future[Any]] = deque()  # reads in flight (standalone, live)
 
         async def step() -> None:
             nonlocal due
-            now = time.monotonic()
-            ack = bool(handled) and (now >= due or
-                                     sum(map(len, handled.values())) >= ACK_MAX_IDS)
             try:
-                batch = await self.read_batch(cursors, list(handled.items()) if ack else [])
+                if handled and (time.monotonic() >= due or
+                                sum(map(len, handled.values())) >= ACK_MAX_IDS):
+                    await self._ack(handled)
+                    handled.clear()
+                if ahead or (not self.node.redis.is_cluster and
+                             all(c == ">" for c in cursors.values())):
+                    batch = await self._read_ahead(cursors, ahead)
+                else:
+                    batch = await self.read_batch(cursors)
             except ResponseError:
                 # NOGROUP: the janitor removed our inboxes; the heartbeat handles the rest.
+                await self._drop_ahead(ahead)
                 await self.create_groups()
                 cursors.update(dict.fromkeys(cursors, "0"))
                 raise
             except BaseException:
+                await self._drop_ahead(ahead)
                 cursors.update(dict.fromkeys(cursors, "0"))  # re-read what is pending
                 raise
-            if ack:
-                handled.clear()
             for stream, ids in self.handle_batch(batch, cursors):
                 if not handled:
                     due = time.monotonic() + ACK_EVERY_S
@@ -105,33 +117,74 @@ class Broker:
 
         return step
 
-    async def read_batch(self, cursors: dict[str, str], acks: list[tuple[str, list[bytes]]],
-                         ) -> list[tuple[str, list[tuple[bytes, dict[bytes, bytes]]]]]:
-        """Ack (XACK + XDEL) what the last batch handed to sockets, then read the next.
-        Until the ack lands those entries stay pending: a lost reply re-reads them."""
+    async def _ack(self, handled: dict[str, list[bytes]]) -> None:
+        """XACK + XDEL what was handed to sockets. Until that lands the entries stay
+        pending: a consumer that fails meanwhile re-reads (and sockets drop) them."""
+        if not self.node.redis.is_cluster:
+            commands: list[tuple[str | bytes | int, ...]] = []
+            for stream, ids in handled.items():
+                commands += [("XACK", stream, GROUP, *ids), ("XDEL", stream, *ids)]
+            await self.node.redis.raw.pipeline(commands)
+            return
+        async with self.node.redis.raw.pipeline(transaction=False) as pipe:
+            for stream, ids in handled.items():
+                pipe.xack(stream, GROUP, *ids)
+                pipe.xdel(stream, *ids)
+            await pipe.execute()
+
+    def _xreadgroup(self, cursors: dict[str, str]) -> tuple[str | int, ...]:
         fanout = self.node.settings.fanout
+        return ("XREADGROUP", "GROUP", GROUP, self.node.node_id, "COUNT", fanout.read_count,
+                "BLOCK", fanout.block_ms, "STREAMS", *cursors, *cursors.values())
+
+    async def _read_ahead(self, cursors: dict[str, str], ahead: deque[asyncio.Future[Any]],
+                          ) -> list[tuple[str, list[tuple[bytes, dict[bytes, bytes]]]]]:
+        """The next batch of new entries from reads queued ahead on the reader's own
+        connection. Redis answers a queued XREADGROUP as soon as entries arrive,
+        without waiting for a request, so a node writes one command per READ_AHEAD / 2
+        batches instead of one per batch: at light load, a batch is one message."""
+        if len(ahead) <= READ_AHEAD // 2:
+            block_s = self.node.settings.fanout.block_ms / 1000
+            new = READ_AHEAD - len(ahead)
+            # Each read blocks only once those before it answered: the k-th may take
+            # k block times.
+            ahead.extend(await self.node.redis.reader.submit(
+                [self._xreadgroup(cursors)] * new, extra_s=(len(ahead) + 1) * block_s,
+                step_s=block_s))
+        reply = await ahead[0]
+        ahead.popleft()
+        return [(stream.decode(), entries(items)) for stream, items in reply or ()]
+
+    async def _drop_ahead(self, ahead: deque[asyncio.Future[Any]]) -> None:
+        """After a failure: reads still queued would hand out entries nobody handles
+        ahead of the re-read of pending ones, so their connection goes with them."""
+        if not ahead:
+            return
+        in_flight = False
+        for future in ahead:
+            if future.done():
+                if not future.cancelled():
+                    future.exception()  # retrieved: the failure was already raised
+            else:
+                in_flight = True
+                future.cancel()
+        ahead.clear()
+        if in_flight:
+            await self.node.redis.reader.close()
+
+    async def read_batch(self, cursors: dict[str, str],
+                         ) -> list[tuple[str, list[tuple[bytes, dict[bytes, bytes]]]]]:
+        """One read: of pending entries after a cursor (recovery), or on a cluster."""
         reader = self.node.redis.reader
         if not self.node.redis.is_cluster:
-            # One round trip: the acks, then the blocking read, on the reader's own
-            # connection (nothing else waits behind its block there).
-            commands: list[tuple[str | bytes | int, ...]] = []
-            for stream, ids in acks:
-                commands += [("XACK", stream, GROUP, *ids), ("XDEL", stream, *ids)]
-            commands.append(("XREADGROUP", "GROUP", GROUP, self.node.node_id, "COUNT",
-                             fanout.read_count, "BLOCK", fanout.block_ms, "STREAMS",
-                             *cursors, *cursors.values()))
-            replies = await reader.pipeline(commands, extra_s=fanout.block_ms / 1000)
-            return [(stream.decode(), entries(items)) for stream, items in replies[-1] or ()]
-        if acks:
-            async with self.node.redis.raw.pipeline(transaction=False) as pipe:
-                for stream, ids in acks:
-                    pipe.xack(stream, GROUP, *ids)
-                    pipe.xdel(stream, *ids)
-                await pipe.execute()
+            block_s = self.node.settings.fanout.block_ms / 1000
+            reply = await reader.execute(*self._xreadgroup(cursors), extra_s=block_s)
+            return [(stream.decode(), entries(items)) for stream, items in reply or ()]
         # One stream per reader here. Name the node that serves it: XREADGROUP has
         # "movable" keys, so redis-py would ask one fixed node (COMMAND GETKEYS) where
         # to send it, twice per read, and if that node dies it fails before its own
         # failover handling, for ever: inbox reads would stop until the node is back.
+        fanout = self.node.settings.fanout
         ((stream, cursor),) = cursors.items()
         reply = await reader.execute_command(
             "XREADGROUP", "GROUP", GROUP, self.node.node_id, "COUNT", fanout.read_count,
@@ -147,9 +200,12 @@ class Broker:
         """Hand entries to local sockets; returns the ids to ack, per stream."""
         handled: list[tuple[str, list[bytes]]] = []
         for stream, items in batch:
+            if cursors.get(stream, ">") != ">":
+                # Re-reading pending entries: go on after the last one (the same read
+                # again would hand out the same entries until their ack lands), and
+                # go live once none are left.
+                cursors[stream] = items[-1][0].decode() if items else ">"
             if not items:
-                if cursors.get(stream) == "0":
-                    cursors[stream] = ">"  # pending ones done: go live
                 continue
             control = stream == self._control
             for _entry_id, fields in items:

@@ -52,6 +52,7 @@ class _Wire(asyncio.Protocol):
         self._waiting: deque[tuple[float, asyncio.Future[Any]]] = deque()
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
         self._unsent: list[bytes] = []
         self._loop = asyncio.get_running_loop()
         self.lost = False
@@ -59,13 +60,14 @@ class _Wire(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
 
-    def send(self, commands: Sequence[Sequence[Arg]],
-             timeout_s: float) -> list[asyncio.Future[Any]]:
+    def send(self, commands: Sequence[Sequence[Arg]], timeout_s: float,
+             step_s: float = 0.0) -> list[asyncio.Future[Any]]:
+        """Queue the commands; the i-th reply is due within `timeout_s + i * step_s`."""
         if self.lost or self._transport is None:
             raise RedisConnectionError("connection to Redis lost")
         deadline = self._loop.time() + timeout_s
         futures = [self._loop.create_future() for _ in commands]
-        self._waiting.extend((deadline, future) for future in futures)
+        self._waiting.extend((deadline + i * step_s, future) for i, future in enumerate(futures))
         # Commands issued in one turn of the event loop (sends read from several
         # sockets at once) leave in one write: one syscall here, one read in Redis.
         if not self._unsent:
@@ -73,9 +75,15 @@ class _Wire(asyncio.Protocol):
         # hiredis's stub types the tuple as one element; it takes any number.
         self._unsent.extend(hiredis.pack_command(tuple(args))  # type: ignore[arg-type]
                             for args in commands)
-        if self._timer is None:
-            self._timer = self._loop.call_at(self._waiting[0][0], self._check_deadline)
+        if self._timer is None or deadline < self._timer_at:
+            self._arm(deadline)
         return futures
+
+    def _arm(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = self._loop.call_at(when, self._check_deadline)
 
     def _flush(self) -> None:
         if not self.lost and self._transport is not None:
@@ -118,17 +126,17 @@ class _Wire(asyncio.Protocol):
                 future.set_exception(error)
 
     def _check_deadline(self) -> None:
-        # One timer for the whole queue: replies come in order, so the oldest command
-        # without a reply (a cancelled caller's too) is the first one that can be late.
+        # One timer for the whole queue, at its earliest deadline (a cancelled caller's
+        # command counts: its reply must still come). Deadlines are not in queue order
+        # when callers queue blocking commands with longer ones ahead of short ones.
         self._timer = None
-        now = self._loop.time()
         if not self._waiting:
             return
-        deadline, _ = self._waiting[0]
-        if deadline <= now:
+        deadline = min(d for d, _ in self._waiting)
+        if deadline <= self._loop.time():
             self.close(RedisTimeoutError("Redis did not answer in time"))
             return
-        self._timer = self._loop.call_at(deadline, self._check_deadline)
+        self._arm(deadline)
 
 
 class Multiplexed:
@@ -165,11 +173,19 @@ class Multiplexed:
             await asyncio.sleep(delay)
             delay = min(delay * 2, _MAX_BACKOFF_S)
 
-    async def _once(self, commands: Sequence[Sequence[Arg]], extra_s: float) -> list[Any]:
+    async def submit(self, commands: Sequence[Sequence[Arg]], *, extra_s: float = 0.0,
+                     step_s: float = 0.0) -> list[asyncio.Future[Any]]:
+        """Write the commands and return a future per reply, without waiting for them:
+        for a caller that keeps commands in flight. The i-th reply may take `extra_s +
+        i * step_s` beyond the timeout. No retries; a caller that gives up on replies
+        must cancel their futures (or close the client, if they may still come)."""
         wire = self._wire
         if wire is None or wire.lost:
             wire = await self._connected()
-        futures = wire.send(commands, self._timeout_s + extra_s)
+        return wire.send(commands, self._timeout_s + extra_s, step_s)
+
+    async def _once(self, commands: Sequence[Sequence[Arg]], extra_s: float) -> list[Any]:
+        futures = await self.submit(commands, extra_s=extra_s)
         replies: list[Any] = []
         error: BaseException | None = None
         for i, future in enumerate(futures):

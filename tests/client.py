@@ -179,3 +179,15 @@ async def connect(session: aiohttp.ClientSession, ws_url: str, user: User | None
         await ws.send(frame)
         await ws.wait_type("welcome")
     return ws
+
+
+async def metric(http: aiohttp.ClientSession, base_url: str, name: str,
+                 labels: dict[str, str] | None = None) -> float:
+    """One sample of a node's /metrics (0 when absent)."""
+    want = "" if not labels else "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}"
+    async with http.get(base_url + "/metrics") as resp:
+        text = await resp.text()
+    for line in text.splitlines():
+        if line.startswith(name + want + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0

@@ -97,3 +97,32 @@ async def test_a_silent_server_times_out_every_command_in_flight(
         assert await mux.execute("PING") == "PONG"
     finally:
         await mux.close()
+
+
+async def test_queued_blocking_commands_each_get_their_own_block_time(
+        valkey: ValkeyProcess) -> None:
+    """`submit` with `step_s`: Redis runs queued blocking commands one after another,
+    so the k-th may answer k block times late (the inbox read-ahead relies on it)."""
+    mux = _client(valkey, timeout_s=0.15)
+    admin = _client(valkey)
+    try:
+        block = [("BLPOP", "queue", 0.3)] * 3
+        futures = await mux.submit(block, extra_s=0.3, step_s=0.3)
+        assert [await f for f in futures] == [None, None, None]  # each timed out in Redis
+
+        futures = await mux.submit(block, extra_s=0.3, step_s=0.3)
+        await admin.execute("RPUSH", "queue", "a", "b")
+        assert [await f for f in futures] == [["queue", "a"], ["queue", "b"], None]
+
+        # The same reads without the step: the second is declared late and the connection
+        # is dropped, failing what is left (the client cannot know Redis is still fine).
+        futures = await mux.submit(block, extra_s=0.3)
+        assert await futures[0] is None
+        with pytest.raises(RedisTimeoutError):
+            await futures[1]
+        with pytest.raises(RedisTimeoutError):
+            await futures[2]
+        assert await mux.execute("PING") == "PONG"
+    finally:
+        await mux.close()
+        await admin.close()

@@ -1,7 +1,9 @@
 """Inbox entries are acked and deleted once handed to sockets (chatd/broker.py).
 
-Acks ride with a later read (ACK_EVERY_S), so a node's inbox must still empty
-soon after traffic stops: nothing pending, nothing left in the stream.
+Acks wait for a later read (ACK_EVERY_S), so a node's inbox must still empty
+soon after traffic stops: nothing pending, nothing left in the stream. And on
+a standalone server the node keeps inbox reads queued ahead of the one Redis
+is blocking.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import asyncio
 import aiohttp
 
 from chatd import keys
-from chatd.broker import GROUP
+from chatd.broker import GROUP, READ_AHEAD
 from tests.client import FAST_ENV, Api, connect
 from tests.harness import ChatdNodes, ValkeyProcess
 
@@ -46,6 +48,16 @@ async def test_inbox_is_acked_and_emptied_after_a_burst(
                 assert asyncio.get_running_loop().time() < deadline, (
                     f"{pending} pending, {length} left in {inbox} 5 s after the burst")
                 await asyncio.sleep(0.05)
+
+            # The reader is blocked with reads queued behind it (its unparsed input),
+            # topped up before fewer than half of READ_AHEAD remain.
+            (reader,) = [line for line in (await admin.execute_command(
+                "CLIENT", "LIST", "TYPE", "normal")).decode().splitlines()
+                if "cmd=xreadgroup" in line]
+            fields = dict(kv.split("=", 1) for kv in reader.split(" ") if "=" in kv)
+            assert "b" in fields["flags"], reader
+            one_read = len(f"XREADGROUP GROUP {GROUP} {node.node_id} ")  # a lower bound
+            assert int(fields["qbuf"]) >= READ_AHEAD // 2 * one_read, reader
             await alice_ws.close()
             await bob_ws.close()
     finally:

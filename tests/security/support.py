@@ -110,18 +110,6 @@ def assert_log_clean(node: ChatdNode) -> None:
     assert_clean_logs(node)
 
 
-async def metric(http: aiohttp.ClientSession, node: ChatdNode, name: str,
-                 labels: Mapping[str, str] | None = None) -> float:
-    """One sample of the node's /metrics (0 when absent)."""
-    want = "" if not labels else "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}"
-    async with http.get(node.url + "/metrics") as resp:
-        text = await resp.text()
-    for line in text.splitlines():
-        if line.startswith(name + want + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
 # --- the well-behaved pair ---------------------------------------------------------------
 
 class Bystanders:

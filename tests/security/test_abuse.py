@@ -32,7 +32,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.client import Api, Ws, connect
+from tests.client import Api, Ws, connect, metric
 from tests.harness import ChatdNode, ChatdNodes, ValkeyProcess
 from tests.security.support import (
     BASE_ENV,
@@ -48,7 +48,6 @@ from tests.security.support import (
     RawWs,
     assert_log_clean,
     client_frame,
-    metric,
     rss_kib,
     summary,
 )
@@ -101,7 +100,7 @@ async def test_connections_without_hello_are_closed_4002(
     async with aiohttp.ClientSession() as http, Bystanders(http, node) as bystanders, \
             aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as flood:
         await asyncio.sleep(0.3)
-        baseline = await metric(http, node, "chatd_connections")
+        baseline = await metric(http, node.url, "chatd_connections")
         assert baseline == 2  # the bystanders
         memory = Memory(node)
         async with memory.sampling():
@@ -116,14 +115,14 @@ async def test_connections_without_hello_are_closed_4002(
                 if batch == 0:  # some of them at least say something that is not hello
                     await conns[0].ws.ping()
             opened_in = time.monotonic() - started
-            peak_open = await metric(http, node, "chatd_connections")
+            peak_open = await metric(http, node.url, "chatd_connections")
             codes = await asyncio.gather(*(ws.wait_closed(timeout=10) for ws in conns))
             closed_in = time.monotonic() - started
         assert codes == [CLOSE_HELLO_TIMEOUT] * CONNECTIONS, set(codes)
         assert all(not ws.frames for ws in conns)  # not even an error frame
         assert closed_in < opened_in + 1 + 2, closed_in  # auth_timeout_s + slack
         deadline = time.monotonic() + 5
-        while await metric(http, node, "chatd_connections") != baseline:
+        while await metric(http, node.url, "chatd_connections") != baseline:
             assert time.monotonic() < deadline
             await asyncio.sleep(0.1)
         chat = await bystanders.stop()

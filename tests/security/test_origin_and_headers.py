@@ -17,9 +17,9 @@ import re
 
 import aiohttp
 
-from tests.client import Api, User, Ws
+from tests.client import Api, User, Ws, metric
 from tests.harness import ChatdNode, ChatdNodes, ValkeyProcess
-from tests.security.support import BASE_ENV, assert_log_clean, metric, summary
+from tests.security.support import BASE_ENV, assert_log_clean, summary
 
 EXTRA = ["https://chat.example.com", "http://localhost:3000"]
 BASE_HEADERS = {"X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY",
@@ -69,7 +69,7 @@ async def test_origin_allow_list(valkey: ValkeyProcess, chatd_nodes: ChatdNodes)
                 got[str(origin)] = await upgrade(http, node, user, origin)
                 assert got[str(origin)] == 101, (name, origin)
             refused = look_alikes(node) + ([] if node is listed else EXTRA)
-            before = await metric(http, node, "chatd_connections")
+            before = await metric(http, node.url, "chatd_connections")
             for origin in refused:
                 got[origin] = await upgrade(http, node, user, origin)
                 assert got[origin] == 403, (name, origin)
@@ -82,7 +82,7 @@ async def test_origin_allow_list(valkey: ValkeyProcess, chatd_nodes: ChatdNodes)
                 assert (await resp.json())["error"]["code"] == "forbidden"
                 for header, value in BASE_HEADERS.items():
                     assert resp.headers.get(header) == value, header
-            assert await metric(http, node, "chatd_connections") == before
+            assert await metric(http, node.url, "chatd_connections") == before
     for node in (default, listed):
         assert_log_clean(node)
     summary("origin allow-list", allowed=sum(v == 101 for o in outcomes.values()
