@@ -76,6 +76,15 @@ def sources() -> dict[str, str]:
             for name, text in files if not name.startswith("_")}
 
 
+def _raised_in_redis_py(e: BaseException) -> bool:
+    tb = e.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return str(tb.tb_frame.f_globals.get("__name__", "")).startswith("redis.")
+
+
 class Scripts:
     def __init__(self, client: Any, metrics: Metrics, *, settle_s: float = 2.0,
                  master_client: Callable[[str, int], Any] | None = None,
@@ -115,6 +124,13 @@ class Scripts:
             # flight when it refreshes the topology (failover): uvloop then raises
             # "unable to perform operation on <TCPTransport closed=True ...>". Nothing was
             # answered, so it is a lost connection like any other.
+            raise ChatError("unavailable", "storage is unavailable, retry later") from e
+        except (AttributeError, TypeError) as e:
+            # The same race inside redis-py itself: a connection whose writer was
+            # cleared under it fails with AttributeError or TypeError instead of
+            # ConnectionError (redis-py #4287). Raised anywhere else, it is a bug.
+            if not _raised_in_redis_py(e):
+                raise
             raise ChatError("unavailable", "storage is unavailable, retry later") from e
         finally:
             self._latency[name].observe(time.perf_counter() - started)
