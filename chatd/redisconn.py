@@ -100,6 +100,22 @@ class RedisConn:
             await client.execute("PING")
 
 
+def write_race_in_redis_py(e: BaseException) -> bool:
+    """An AttributeError or TypeError raised inside redis-py: its asyncio connections
+    fail that way, instead of with ConnectionError, when their writer is cleared under
+    a command (redis-py #4287; the cluster client closes connections under commands in
+    flight during a failover). Nothing was answered: a lost connection. The same types
+    raised anywhere else are bugs, and must surface."""
+    if not isinstance(e, AttributeError | TypeError):
+        return False
+    tb = e.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return str(tb.tb_frame.f_globals.get("__name__", "")).startswith("redis.")
+
+
 def _retry(retries: int) -> Retry:
     return Retry(ExponentialBackoff(cap=0.25, base=0.02), retries=retries)
 

@@ -49,6 +49,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from chatd.errors import ChatError, TooManyConnections
 from chatd.metrics import Metrics
 from chatd.multiplex import Multiplexed
+from chatd.redisconn import write_race_in_redis_py
 
 _CODES = {
     "CHATD_BAD_REQUEST": "bad_request",
@@ -74,15 +75,6 @@ def sources() -> dict[str, str]:
     lib = "\n".join(text for name, text in files if name.startswith("_"))
     return {name.removesuffix(".lua"): f"{lib}\n{text}"
             for name, text in files if not name.startswith("_")}
-
-
-def _raised_in_redis_py(e: BaseException) -> bool:
-    tb = e.__traceback__
-    if tb is None:
-        return False
-    while tb.tb_next is not None:
-        tb = tb.tb_next
-    return str(tb.tb_frame.f_globals.get("__name__", "")).startswith("redis.")
 
 
 class Scripts:
@@ -125,11 +117,8 @@ class Scripts:
             # "unable to perform operation on <TCPTransport closed=True ...>". Nothing was
             # answered, so it is a lost connection like any other.
             raise ChatError("unavailable", "storage is unavailable, retry later") from e
-        except (AttributeError, TypeError) as e:
-            # The same race inside redis-py itself: a connection whose writer was
-            # cleared under it fails with AttributeError or TypeError instead of
-            # ConnectionError (redis-py #4287). Raised anywhere else, it is a bug.
-            if not _raised_in_redis_py(e):
+        except (AttributeError, TypeError) as e:  # the same race, inside redis-py
+            if not write_race_in_redis_py(e):
                 raise
             raise ChatError("unavailable", "storage is unavailable, retry later") from e
         finally:

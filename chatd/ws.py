@@ -30,6 +30,7 @@ from chatd.protocol import (
     CLOSE_UNAUTHORIZED,
     FrameError,
 )
+from chatd.redisconn import write_race_in_redis_py
 
 log = logging.getLogger("chatd.ws")
 
@@ -276,14 +277,18 @@ async def _read_loop(ws: web.WebSocketResponse, node: Node, fanout: Fanout, conn
                 continue
             try:
                 await _dispatch(node, conn, frame)
-            except (RedisError, OSError, RuntimeError) as e:
-                # RuntimeError: redis-py's cluster client may close a connection under a
-                # command in flight during a failover (see scripts.py); retrying is safe.
+            except ChatError as e:
+                _reply_error(conn, node, e, frame.id)
+            except Exception as e:
+                # RuntimeError and redis-py's own write race: its cluster client may close
+                # a connection under a command in flight during a failover (see
+                # scripts.py); retrying is safe.
+                if not isinstance(e, RedisError | OSError | RuntimeError) and \
+                        not write_race_in_redis_py(e):
+                    raise
                 log.warning("storage error", extra={"error": repr(e)})
                 _reply_error(conn, node, ChatError("unavailable", "storage is unavailable"),
                              frame.id)
-            except ChatError as e:
-                _reply_error(conn, node, e, frame.id)
     finally:
         await _release(node, fanout, conn)
 

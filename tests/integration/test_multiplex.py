@@ -102,26 +102,25 @@ async def test_a_silent_server_times_out_every_command_in_flight(
 async def test_queued_blocking_commands_each_get_their_own_block_time(
         valkey: ValkeyProcess) -> None:
     """`submit` with `step_s`: Redis runs queued blocking commands one after another,
-    so the k-th may answer k block times late (the inbox read-ahead relies on it)."""
-    mux = _client(valkey, timeout_s=0.15)
+    so the k-th may answer k block times late (the inbox read-ahead relies on it).
+    Four BLPOPs of 0.3 s answer at about 0.3, 0.6, 0.9 and 1.2 s; the client's own
+    timeout is 0.5 s, so every margin below is 0.3 s or more."""
+    mux = _client(valkey, timeout_s=0.5)
     admin = _client(valkey)
+    block = [("BLPOP", "queue", 0.3)] * 4
     try:
-        block = [("BLPOP", "queue", 0.3)] * 3
-        futures = await mux.submit(block, extra_s=0.3, step_s=0.3)
-        assert [await f for f in futures] == [None, None, None]  # each timed out in Redis
+        futures = await mux.submit(block, extra_s=0.3, step_s=0.3)  # due 0.8 ... 1.7 s
+        assert await asyncio.gather(*futures) == [None] * 4  # each timed out in Redis
 
         futures = await mux.submit(block, extra_s=0.3, step_s=0.3)
         await admin.execute("RPUSH", "queue", "a", "b")
-        assert [await f for f in futures] == [["queue", "a"], ["queue", "b"], None]
+        assert await asyncio.gather(*futures) == [["queue", "a"], ["queue", "b"], None, None]
 
-        # The same reads without the step: the second is declared late and the connection
-        # is dropped, failing what is left (the client cannot know Redis is still fine).
+        # Without the step all four are due at 0.8 s: the last, answered at about
+        # 1.2 s, is late, and the client drops the connection with what is in flight.
         futures = await mux.submit(block, extra_s=0.3)
-        assert await futures[0] is None
-        with pytest.raises(RedisTimeoutError):
-            await futures[1]
-        with pytest.raises(RedisTimeoutError):
-            await futures[2]
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        assert results[0] is None and isinstance(results[-1], RedisTimeoutError), results
         assert await mux.execute("PING") == "PONG"
     finally:
         await mux.close()
