@@ -12,6 +12,7 @@ from redis.exceptions import RedisError
 
 from chatd.appkeys import NODE
 from chatd.errors import ChatError
+from chatd.redisconn import write_race_in_redis_py
 
 log = logging.getLogger("chatd.http")
 
@@ -52,12 +53,15 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         response.set_status(405)
     except web.HTTPException:
         raise
-    except (RedisError, OSError) as e:
-        log.warning("storage error in request", extra={"path": request.path, "error": repr(e)})
-        response = error_response(ChatError("unavailable", "storage is unavailable, retry later"))
-    except Exception:
-        log.exception("unhandled error in request", extra={"path": request.path})
-        response = error_response(ChatError("internal", "internal error"))
+    except Exception as e:
+        if not isinstance(e, RedisError | OSError) and not write_race_in_redis_py(e):
+            log.exception("unhandled error in request", extra={"path": request.path})
+            response = error_response(ChatError("internal", "internal error"))
+        else:
+            log.warning("storage error in request",
+                        extra={"path": request.path, "error": repr(e)})
+            response = error_response(ChatError("unavailable",
+                                                "storage is unavailable, retry later"))
     if isinstance(response, web.Response) and response.status >= 400:
         try:
             code = json.loads(response.text or "{}").get("error", {}).get("code", "")

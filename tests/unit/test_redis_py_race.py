@@ -1,14 +1,21 @@
-"""chatd.scripts.Scripts.run turns redis-py's connection races into `unavailable`, and
-nothing else: the same exception types raised outside redis-py still surface."""
+"""redis-py's write race (#4287: AttributeError or TypeError raised inside redis-py when
+a cluster failover closes a connection under a command) is a lost connection: scripts
+and HTTP requests answer `unavailable`. The same exception types raised outside
+redis-py are bugs and still surface (or answer `internal`)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 
+from chatd.appkeys import NODE
 from chatd.errors import ChatError
+from chatd.http import errors_middleware
 from chatd.metrics import Metrics
 from chatd.scripts import Scripts
 
@@ -48,3 +55,25 @@ async def test_the_same_error_from_chatd_itself_is_not_hidden() -> None:
     scripts = Scripts(FailingClient(_own_bug), Metrics())
     with pytest.raises(AttributeError):
         await scripts.run("take_token", ["bucket"], [1, 1])
+
+
+async def _status_of(fail: Callable[[Any], None]) -> tuple[int, str]:
+    async def handler(request: web.Request) -> web.Response:
+        fail(None)
+        return web.Response()
+
+    app = web.Application(middlewares=[errors_middleware])
+    node: Any = SimpleNamespace(metrics=Metrics())
+    app[NODE] = node
+    app.router.add_get("/x", handler)
+    async with TestClient(TestServer(app)) as client:
+        resp = await client.get("/x")
+        return resp.status, (await resp.json())["error"]["code"]
+
+
+async def test_an_http_request_hit_by_the_race_is_unavailable() -> None:
+    assert await _status_of(_IN_REDIS_PY["send_packed_command"]) == (503, "unavailable")
+
+
+async def test_an_http_request_hit_by_a_bug_is_internal() -> None:
+    assert await _status_of(_own_bug) == (500, "internal")
