@@ -153,7 +153,7 @@ class Broker:
                 step_s=block_s))
         reply = await ahead[0]
         ahead.popleft()
-        return [(stream.decode(), entries(items)) for stream, items in reply or ()]
+        return _batch(reply)
 
     async def _drop_ahead(self, ahead: deque[asyncio.Future[Any]]) -> None:
         """After a failure: reads still queued would hand out entries nobody handles
@@ -178,18 +178,14 @@ class Broker:
         reader = self.node.redis.reader
         if not self.node.redis.is_cluster:
             block_s = self.node.settings.fanout.block_ms / 1000
-            reply = await reader.execute(*self._xreadgroup(cursors), extra_s=block_s)
-            return [(stream.decode(), entries(items)) for stream, items in reply or ()]
+            return _batch(await reader.execute(*self._xreadgroup(cursors), extra_s=block_s))
         # One stream per reader here. Name the node that serves it: XREADGROUP has
         # "movable" keys, so redis-py would ask one fixed node (COMMAND GETKEYS) where
         # to send it, twice per read, and if that node dies it fails before its own
         # failover handling, for ever: inbox reads would stop until the node is back.
-        fanout = self.node.settings.fanout
-        ((stream, cursor),) = cursors.items()
-        reply = await reader.execute_command(
-            "XREADGROUP", "GROUP", GROUP, self.node.node_id, "COUNT", fanout.read_count,
-            "BLOCK", fanout.block_ms, "STREAMS", stream, cursor,
-            target_nodes=reader.get_node_from_key(stream))
+        ((stream, _),) = cursors.items()
+        reply = await reader.execute_command(*self._xreadgroup(cursors),
+                                             target_nodes=reader.get_node_from_key(stream))
         if isinstance(reply, dict):  # RESP3 shape
             return [(k.decode(), v[0] if v and isinstance(v[0], list) else v)
                     for k, v in reply.items()]
@@ -240,3 +236,8 @@ class Broker:
         ok, _ = await self.node.scripts.run("node_heartbeat", [keys.NODES],
                                             [self.node.node_id, mode])
         return bool(ok)
+
+
+def _batch(reply: list[Any] | None) -> list[tuple[str, list[tuple[bytes, dict[bytes, bytes]]]]]:
+    """An XREADGROUP reply from the multiplexed client, shaped like redis-py's."""
+    return [(stream.decode(), entries(items)) for stream, items in reply or ()]

@@ -8,11 +8,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import hdrs, web
-from redis.exceptions import RedisError
 
 from chatd.appkeys import NODE
 from chatd.errors import ChatError
-from chatd.redisconn import write_race_in_redis_py
+from chatd.redisconn import storage_failure
 
 log = logging.getLogger("chatd.http")
 
@@ -54,7 +53,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except web.HTTPException:
         raise
     except Exception as e:
-        if not isinstance(e, RedisError | OSError) and not write_race_in_redis_py(e):
+        if not storage_failure(e):
             log.exception("unhandled error in request", extra={"path": request.path})
             response = error_response(ChatError("internal", "internal error"))
         else:

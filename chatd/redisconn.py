@@ -100,6 +100,12 @@ class RedisConn:
             await client.execute("PING")
 
 
+def storage_failure(e: BaseException) -> bool:
+    """An error meaning Redis could not be reached or answer (the caller answers
+    `unavailable`), rather than a bug of chatd's."""
+    return isinstance(e, RedisError | OSError) or write_race_in_redis_py(e)
+
+
 def write_race_in_redis_py(e: BaseException) -> bool:
     """An AttributeError or TypeError raised inside redis-py: its asyncio connections
     fail that way, instead of with ConnectionError, when their writer is cleared under

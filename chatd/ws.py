@@ -30,7 +30,7 @@ from chatd.protocol import (
     CLOSE_UNAUTHORIZED,
     FrameError,
 )
-from chatd.redisconn import write_race_in_redis_py
+from chatd.redisconn import storage_failure
 
 log = logging.getLogger("chatd.ws")
 
@@ -283,8 +283,7 @@ async def _read_loop(ws: web.WebSocketResponse, node: Node, fanout: Fanout, conn
                 # RuntimeError and redis-py's own write race: its cluster client may close
                 # a connection under a command in flight during a failover (see
                 # scripts.py); retrying is safe.
-                if not isinstance(e, RedisError | OSError | RuntimeError) and \
-                        not write_race_in_redis_py(e):
+                if not isinstance(e, RuntimeError) and not storage_failure(e):
                     raise
                 log.warning("storage error", extra={"error": repr(e)})
                 _reply_error(conn, node, ChatError("unavailable", "storage is unavailable"),
