@@ -1,6 +1,7 @@
 """Inbox consumption and node liveness.
 
-Every node reads one inbox stream per partition plus its control inbox, in a
+Every node reads its room inboxes (one per partition on a cluster, one in all
+on a standalone server: keys.inbox_partition) plus its control inbox, in a
 consumer group of its own, and XACKs (then XDELs) entries only after handing
 them to local sockets, in batches (ACK_EVERY_S, ACK_MAX_IDS). After a Redis
 connection drop the consumer re-reads its pending entries first (from id
@@ -51,8 +52,7 @@ class Broker:
         self.fanout = fanout
         self._on_fenced = on_fenced
         self._control = keys.control(node.node_id)
-        self._streams = [keys.inbox(p, node.node_id) for p in range(node.partitions)]
-        self._streams.append(self._control)
+        self._streams = [*node.inboxes(), self._control]
         # Since when (monotonic) every heartbeat succeeded; None right after a failed one.
         # The janitor judges other nodes only after a full node_ttl_s of this (janitor.py).
         self.beating_since: float | None = None

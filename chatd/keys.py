@@ -3,9 +3,9 @@
 Three kinds of hash tag keep each Lua script inside one cluster slot:
 
 - `{<p>}`: partition p of the rooms (like a Kafka partition). A room's meta,
-  members, watermarks, log, idempotency keys and interest set, and the inbox
-  of every node for that partition, share it; so the send script, which
-  stores and fans out, touches a single slot.
+  members, watermarks, log, idempotency keys and interest set, and (on a
+  cluster) the inbox of every node for that partition, share it; so the
+  send script, which stores and fans out, touches a single slot.
 - `{u:<user_id>}`: a user's record, sessions, room index, send bucket and
   the nodes holding the user's connections.
 - `{n:<node_id>}`: a node's control inbox and the users it serves.
@@ -124,6 +124,18 @@ def direct_pair_partition(a: str, b: str, partitions: int) -> int:
 
 
 # --- nodes -------------------------------------------------------------------
+
+def inbox_partition(p: int, *, cluster: bool) -> int:
+    """The partition whose inboxes carry the events of partition p's rooms.
+
+    On a cluster their own: the script that fans out must stay in the room's
+    slot. On one server a script may touch any key, so every room's events go
+    to partition 0's inbox, and a node reads one room inbox, not `partitions`:
+    a blocking XREADGROUP costs Redis work for every stream it names, each
+    time it blocks and each time it is woken.
+    """
+    return p if cluster else 0
+
 
 def inbox_prefix(p: int) -> str:
     """Scripts append the node id to this to reach that node's inbox in partition p."""

@@ -67,7 +67,7 @@ async def send(node: Node, user_id: str, room_id: str, client_msg_id: str, body:
                        else retention.max_age_s * 1000)
     reply = await node.scripts.run("send_message", [
         keys.room(p, room_id), keys.room_members(p, room_id), keys.room_log(p, room_id),
-        keys.room_nodes(p, room_id), keys.inbox_prefix(p), idem_key, *bucket_keys,
+        keys.room_nodes(p, room_id), node.inbox_prefix(p), idem_key, *bucket_keys,
     ], [
         room_id, user_id, client_msg_id, msgspec.json.encode(body),
         limits.idempotency_ttl_s * 1000, retention.retention, retention_value,
@@ -156,7 +156,7 @@ async def mark(node: Node, user_id: str, room_id: str, kind: str, seq: int) -> N
     p = keys.partition_of(room_id, node.partitions)
     await node.scripts.run("mark_seen", [
         keys.room(p, room_id), keys.room_members(p, room_id), keys.room_marks(p, room_id),
-        keys.room_nodes(p, room_id), keys.inbox_prefix(p),
+        keys.room_nodes(p, room_id), node.inbox_prefix(p),
     ], [room_id, user_id, kind, seq, node.settings.fanout.inbox_max_len])
 
 
@@ -165,5 +165,5 @@ async def typing(node: Node, user_id: str, room_id: str, active: bool) -> None:
     frame = json.dumps({"type": "typing", "room_id": room_id, "user_id": user_id,
                         "active": active}, separators=(",", ":"))
     await node.scripts.run("publish_typing", [
-        keys.room_members(p, room_id), keys.room_nodes(p, room_id), keys.inbox_prefix(p),
+        keys.room_members(p, room_id), keys.room_nodes(p, room_id), node.inbox_prefix(p),
     ], [room_id, user_id, frame, node.settings.fanout.inbox_max_len])

@@ -42,6 +42,16 @@ class Node:
     def partitions(self) -> int:
         return self.settings.redis.partitions
 
+    def inbox_prefix(self, p: int) -> str:
+        """Where the scripts fan out the events of partition p's rooms (keys.inbox_partition)."""
+        return keys.inbox_prefix(keys.inbox_partition(p, cluster=self.redis.is_cluster))
+
+    def inboxes(self) -> list[str]:
+        """This node's room inboxes."""
+        cluster = self.redis.is_cluster
+        return sorted({keys.inbox(keys.inbox_partition(p, cluster=cluster), self.node_id)
+                       for p in range(self.partitions)})
+
     def ready(self) -> bool:
         return (not self.draining and self.redis_ok
                 and all(loop.running and loop.healthy for loop in self.loops))

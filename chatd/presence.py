@@ -79,5 +79,5 @@ async def publish(node: Node, user_id: str, *, online: bool, ts: int) -> None:
     for p, room_ids in by_partition.items():
         await node.scripts.run(
             "publish_presence",
-            [keys.inbox_prefix(p), *(keys.room_nodes(p, r) for r in room_ids)],
+            [node.inbox_prefix(p), *(keys.room_nodes(p, r) for r in room_ids)],
             [user_id, frame, ",".join(room_ids), node.settings.fanout.inbox_max_len])

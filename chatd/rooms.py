@@ -262,7 +262,7 @@ async def _room_side(node: Node, script: str, room_id: str, actor: str, subject:
     return await node.scripts.run(
         script,
         [keys.room(p, room_id), keys.room_members(p, room_id), keys.index_pending(p),
-         keys.room_nodes(p, room_id), keys.inbox_prefix(p)],
+         keys.room_nodes(p, room_id), node.inbox_prefix(p)],
         [room_id, actor, subject, *extra, node.settings.fanout.inbox_max_len,
          member_frame(room_id, event, subject, actor)])
 

@@ -83,7 +83,8 @@ async def _scenario(http: aiohttp.ClientSession, redis: Any, a: Any, b: Any,
 
     # The victim's footprint exists before the kill, so its absence later means something.
     assert victim.node_id in await redis.smembers(keys.room_nodes(p, room))
-    assert await redis.exists(keys.inbox(p, victim.node_id))
+    assert await redis.exists(keys.inbox(keys.inbox_partition(p, cluster=False),
+                                        victim.node_id))
     assert await redis.zscore(keys.NODES, victim.node_id) is not None
     assert victim.node_id in await redis.hkeys(keys.user_nodes(carol.user_id))
 

@@ -217,7 +217,7 @@ async def test_entry_delivered_when_the_reader_connection_dies_with_its_reply(
                 def write(pipe: Any) -> None:
                     pipe.eval(source, 6, keys.room(p, room), keys.room_members(p, room),
                               keys.room_log(p, room), keys.room_nodes(p, room),
-                              keys.inbox_prefix(p),
+                              keys.inbox_prefix(keys.inbox_partition(p, cluster=False)),
                               keys.idempotency(p, room, alice.user_id, "lost-reply"),
                               room, alice.user_id, "lost-reply", json.dumps("stored"),
                               86_400_000, "maxlen", 1_000_000, 100_000)

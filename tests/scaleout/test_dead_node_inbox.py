@@ -46,7 +46,7 @@ async def test_inbox_of_a_dead_node_is_capped_then_deleted(
             alice, bob = await api.register(), await api.register()
             room = await api.group(alice, [bob], name="busy")
             p = keys.partition_of(room, PARTITIONS)
-            inbox = keys.inbox(p, victim.node_id)
+            inbox = keys.inbox(keys.inbox_partition(p, cluster=False), victim.node_id)
             sender = await connect(http, a.ws_url, alice)
             bob_v = await connect(http, victim.ws_url, bob)
             assert victim.node_id in await redis.smembers(keys.room_nodes(p, room))

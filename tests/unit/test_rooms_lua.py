@@ -35,8 +35,9 @@ async def node(fake_redis_server: fakeredis.FakeServer) -> AsyncIterator[Node]:
     client = fakeredis.FakeAsyncRedis(server=fake_redis_server, decode_responses=True)
     settings = config.load(None, {}, {"limits.max_room_members": 5, "redis.partitions": 8})
     metrics = Metrics()
+    # As on a cluster, where a partition's inboxes share its slot (keys.inbox_partition).
     node = Node(settings=settings, node_id="n-test",
-                redis=RedisConn(cmd=client, raw=client, reader=client, is_cluster=False),
+                redis=RedisConn(cmd=client, raw=client, reader=client, is_cluster=True),
                 scripts=SlotCheckedScripts(client, metrics), metrics=metrics)
     for uid in (OWNER, ADMIN, MEMBER, OUTSIDER, NEW, "extra1", "extra2"):
         await client.hset(keys.user(uid), mapping={"username": uid})
