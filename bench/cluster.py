@@ -29,6 +29,8 @@ from pathlib import Path
 import psutil
 
 from bench.peers.node_setup import SERVER_JS, node_binary
+from chatd.config import EmbeddedSettings
+from chatd.embedded import persistence_args
 
 LOOPBACK = "127.0.0.1"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -249,11 +251,13 @@ class Stack:
         port = free_port()
         data = self.run_dir / "valkey"
         data.mkdir(parents=True, exist_ok=True)
-        # The same persistence chatd's embedded Valkey uses (chatd/embedded.py).
+        # The same persistence chatd's embedded Valkey uses by default.
+        defaults = EmbeddedSettings()
         proc = Proc("valkey", [
             str(valkey_server_binary()), "--port", str(port), "--bind", LOOPBACK,
-            "--dir", str(data), "--appendonly", "yes", "--appendfsync", "everysec",
-            "--save", "", "--daemonize", "no", "--protected-mode", "no",
+            "--dir", str(data),
+            *persistence_args(defaults.appendfsync, defaults.aof_rewrite_min_mb),
+            "--daemonize", "no", "--protected-mode", "no",
             "--loglevel", "warning",
         ], data / "valkey.log", cwd=data)
         proc.start()

@@ -54,7 +54,8 @@ async def _node_ctx(app: web.Application) -> AsyncIterator[None]:
         if url == "embedded" and not settings.redis.cluster_nodes:
             embedded = EmbeddedValkey(settings.data_path,
                                       binary=settings.embedded.binary or None,
-                                      appendfsync=settings.embedded.appendfsync)
+                                      appendfsync=settings.embedded.appendfsync,
+                                      aof_rewrite_min_mb=settings.embedded.aof_rewrite_min_mb)
             url = await embedded.start()
             stack.push_async_callback(embedded.stop)
         redis = await redisconn.connect(settings, url)

@@ -62,6 +62,7 @@ class RedisSettings:
 class EmbeddedSettings:
     binary: str = _opt("")
     appendfsync: str = _opt("everysec", choices=("always", "everysec", "no"))
+    aof_rewrite_min_mb: int = _opt(512, lo=1, hi=1024 * 1024)
 
 
 @dataclass(frozen=True)

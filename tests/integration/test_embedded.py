@@ -133,6 +133,7 @@ async def test_start_stop_and_data_survives_restart(
         config = await client.config_get("*")
     assert config["appendonly"] == "yes"
     assert config["appendfsync"] == "everysec"
+    assert config["auto-aof-rewrite-min-size"] == str(512 * 1024 * 1024)
     assert config["port"] == "0"
     assert config["unixsocketperm"] == "700"
     assert config["dir"] == str(valkey_dir)
@@ -209,7 +210,7 @@ async def test_long_data_dir_puts_socket_in_tmp(
         tmp_path: pathlib.Path, servers: list[EmbeddedValkey]) -> None:
     data_dir = tmp_path / ("d" * 60) / ("e" * 60)
     assert len(os.fsencode(data_dir / "valkey" / "valkey.sock")) > 100
-    ev = EmbeddedValkey(data_dir, appendfsync="always")
+    ev = EmbeddedValkey(data_dir, appendfsync="always", aof_rewrite_min_mb=100)
     servers.append(ev)
     url = await ev.start()
     socket = pathlib.Path(url.removeprefix("unix://"))
@@ -221,6 +222,8 @@ async def test_long_data_dir_puts_socket_in_tmp(
         async with aioredis.Redis.from_url(url) as client:
             await client.set("deep", "path")
             assert (await client.config_get("appendfsync"))["appendfsync"] == "always"
+            assert (await client.config_get("auto-aof-rewrite-min-size"))[
+                "auto-aof-rewrite-min-size"] == str(100 * 1024 * 1024)
         await ev.stop()
         assert await ev.start() == url  # same data dir, same socket
         assert await get(url, "deep") == b"path"
@@ -254,6 +257,43 @@ async def test_server_exiting_at_startup_reports_log(tmp_path: pathlib.Path) -> 
         await ev.start(timeout_s=5)
     assert ev.pid is None
     assert not (tmp_path / "valkey" / PID_FILE).exists()
+
+
+# A valkey-server stand-in that answers PING with LOADING for a while, then PONG:
+# a server reading an AOF that takes longer than the start timeout.
+SLOW_LOADER = r"""
+import socket, sys, time
+path = sys.argv[sys.argv.index("--unixsocket") + 1]
+until = time.monotonic() + float(sys.argv[1])
+server = socket.socket(socket.AF_UNIX)
+server.bind(path)
+server.listen()
+while True:
+    conn, _ = server.accept()
+    with conn:
+        while data := conn.recv(4096):
+            if b"PING" not in data.upper():  # the client's handshake: allowed while loading
+                conn.sendall(b"+OK\r\n" * data.count(b"*"))
+            elif time.monotonic() < until:
+                conn.sendall(b"-LOADING Valkey is loading the dataset in memory\r\n")
+            else:
+                conn.sendall(b"+PONG\r\n")
+"""
+
+
+async def test_start_waits_for_a_server_loading_its_data_past_the_timeout(
+        tmp_path: pathlib.Path, servers: list[EmbeddedValkey]) -> None:
+    script = tmp_path / "loader.py"
+    script.write_text(SLOW_LOADER)
+    fake = tmp_path / "fake-valkey-server"
+    fake.write_text(f"#!/bin/sh\nexec {sys.executable} {script} 1.5 \"$@\"\n")
+    fake.chmod(0o755)
+    ev = EmbeddedValkey(tmp_path / "data", binary=str(fake))
+    servers.append(ev)
+    started = asyncio.get_running_loop().time()
+    await ev.start(timeout_s=0.5)
+    assert asyncio.get_running_loop().time() - started >= 1.5
+    assert ev.pid is not None
 
 
 async def test_server_not_answering_times_out_and_is_killed(tmp_path: pathlib.Path) -> None:

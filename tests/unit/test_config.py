@@ -238,6 +238,7 @@ def test_port_bounds_are_inclusive() -> None:
     ("redis.partitions", 0),
     ("limits.max_body_chars", 0),
     ("fanout.block_ms", 1),
+    ("embedded.aof_rewrite_min_mb", 0),
 ])
 def test_other_ranges(key: str, value: Any) -> None:
     assert key in error_of(flags={key: value})
