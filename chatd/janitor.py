@@ -37,7 +37,12 @@ async def cleanup_node(node: Node, node_id: str) -> None:
         for room_id in await cmd.smembers(node_rooms):
             await node.scripts.run("interest", [keys.room_nodes(p, room_id), node_rooms],
                                    [node_id, room_id, "remove"])
-        await cmd.delete(keys.inbox(p, node_id), node_rooms)
+        await cmd.delete(node_rooms)
+    # Only now that no room lists the node: on one server the rooms of every partition
+    # share one inbox (keys.inbox_partition), which a send to a room still listing the
+    # node would create again.
+    for p in range(node.partitions):
+        await cmd.delete(keys.inbox(p, node_id))
     # Users first: a notice sent while they still list the node would recreate its inbox.
     await presence.drop_node_users(node, node_id)
     await cmd.delete(keys.control(node_id))
