@@ -140,8 +140,9 @@ class Worker:
     async def cmd_status(self) -> dict[str, int]:
         errors = {f"error:{code}": n for code, n in self.rec.errors.items()}
         closes = {f"close:{code}": n for code, n in self.rec.closes.items()}
-        return {**self.rec.counters(), "up": sum(c.up for c in self.clients), **errors,
-                **closes}
+        pings = sum(c.ws.pings for c in self.clients if c.ws is not None)
+        return {**self.rec.counters(), "up": sum(c.up for c in self.clients), "pings": pings,
+                **errors, **closes}
 
     async def cmd_step(self, step: int, rate: float, t0: float, duration: float,
                        warmup: float) -> None:

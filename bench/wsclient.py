@@ -124,6 +124,7 @@ class WebSocket(asyncio.Protocol):
         self._close_sent = False
         self._close_received = False
         self.close_code: int | None = None
+        self.pings = 0  # received from the server (the idle scenario's heartbeat count)
 
     # --- connection ---------------------------------------------------------------
 
@@ -258,6 +259,7 @@ class WebSocket(asyncio.Protocol):
             if not fin or len(payload) > 125:
                 self._fail(CLOSE_PROTOCOL_ERROR)
             elif opcode == OP_PING:
+                self.pings += 1
                 if self.is_open:
                     assert self._transport is not None
                     self._transport.write(encode_frame(OP_PONG, payload, self._mask))

@@ -17,6 +17,7 @@ from chatd.config import Settings, redact_url
 from chatd.embedded import EmbeddedValkey
 from chatd.errors import ChatError
 from chatd.fanout import Fanout
+from chatd.heartbeat import heartbeat_loop
 from chatd.janitor import Janitor, cleanup_node
 from chatd.loops import Loop
 from chatd.metrics import Metrics
@@ -82,6 +83,7 @@ async def _node_ctx(app: web.Application) -> AsyncIterator[None]:
                                interval_s=_PROBE_INTERVAL_S))
         for loop in broker.loops():
             node.add_loop(loop)
+        node.add_loop(heartbeat_loop(node, fanout))
         janitor = Janitor(node, alive_since=lambda: broker.beating_since)
         node.add_loop(Loop("janitor", janitor.step, metrics,
                            interval_s=settings.fanout.janitor_interval_s))

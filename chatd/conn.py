@@ -45,7 +45,8 @@ class Cursor:
 
 class Conn:
     __slots__ = ("_high_water", "_out", "_room_waiter", "_started", "_task", "close_code",
-                 "cursors", "frames_out", "max_queue", "queue", "session_id", "user_id", "ws")
+                 "cursors", "frames_out", "last_heard", "max_queue", "ping_sent", "queue",
+                 "session_id", "user_id", "ws")
 
     def __init__(self, ws: web.WebSocketResponse, out: AbstractStreamWriter, user_id: str,
                  session_id: str, max_queue: int, frames_out: Counter | None = None) -> None:
@@ -68,6 +69,9 @@ class Conn:
         self._started = False
         self._task: asyncio.Task[None] | None = None
         self.frames_out = frames_out
+        # Loop times (heartbeat.py): of the last frame from the client, of our last ping.
+        self.last_heard = asyncio.get_running_loop().time()
+        self.ping_sent = 0.0
 
     @property
     def closing(self) -> bool:
@@ -104,6 +108,20 @@ class Conn:
         if self.frames_out is not None:
             self.frames_out.inc()
         return True
+
+    def control(self, frame: bytes) -> None:
+        """Write a ping or pong now, ahead of anything queued: RFC 6455 lets control
+        frames go between messages, and a backlog must not hold up a pong."""
+        transport = self._out.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(frame)
+
+    def drop(self) -> None:
+        """The client stopped answering pings: end the connection without a close
+        handshake it would not answer either. The reader sees the end and cleans up."""
+        transport = self._out.transport
+        if transport is not None:
+            transport.abort()
 
     def _kick(self) -> None:
         if self._started and (self._task is None or self._task.done()):

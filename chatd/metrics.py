@@ -19,6 +19,8 @@ class Metrics:
                              registry=r)
         self.errors = Counter("chatd_errors", "Errors returned to clients", ["code"], registry=r)
         self.closes = Counter("chatd_ws_closes", "WebSocket closes by code", ["code"], registry=r)
+        self.heartbeat_drops = Counter("chatd_heartbeat_drops",
+                                       "WebSockets dropped for not answering pings", registry=r)
         self.redis_latency = Histogram("chatd_redis_call_seconds", "Redis script call latency",
                                        ["script"], buckets=_LATENCY_BUCKETS, registry=r)
         self.inbox_entries = Counter("chatd_inbox_entries", "Fanout entries read from inboxes",

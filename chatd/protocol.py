@@ -179,6 +179,16 @@ def ws_text_frame(payload: bytes) -> bytes:
     return struct.pack("!BBQ", 0x81, 127, n) + payload
 
 
+# A server-to-client ping: FIN, opcode 0x9, no mask, no payload (heartbeat.py).
+PING_FRAME = bytes((0x89, 0))
+
+
+def pong_frame(payload: bytes) -> bytes:
+    """The answer to a client's ping, echoing its payload (control frames carry at most
+    125 bytes; aiohttp's reader refuses longer ones)."""
+    return bytes((0x8A, len(payload))) + payload
+
+
 def message_frame(message_json: bytes) -> bytes:
     """The `message` frame for a stored message object, without re-encoding it."""
     return b'{"type":"message",' + message_json[1:]

@@ -7,6 +7,7 @@ and room traffic go out through the connection (`conn.py`), in order.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import logging
 import time
@@ -56,8 +57,8 @@ async def handler(request: web.Request) -> web.StreamResponse:
     # for every recipient would cost more CPU than the bytes it saves.
     # aiohttp refuses a message of max_msg_size bytes or more; the protocol refuses only
     # frames *over* max_frame_bytes.
-    ws = web.WebSocketResponse(heartbeat=limits.heartbeat_s,
-                               max_msg_size=limits.max_frame_bytes + 1,
+    # No aiohttp heartbeat and no autoping: pings and pongs are ours (heartbeat.py).
+    ws = web.WebSocketResponse(autoping=False, max_msg_size=limits.max_frame_bytes + 1,
                                decode_text=False, compress=False)
     out = await ws.prepare(request)
     node.metrics.connections.inc()
@@ -142,8 +143,13 @@ async def _refuse(ws: web.WebSocketResponse, err: ChatError, request_id: str | N
 
 
 async def _read_hello(ws: web.WebSocketResponse, node: Node) -> protocol.Hello | None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + node.settings.limits.auth_timeout_s
     try:
-        msg = await ws.receive(timeout=node.settings.limits.auth_timeout_s)
+        while (msg := await ws.receive(timeout=max(0.0, deadline - loop.time()))).type \
+                in _CONTROL:
+            if msg.type == WSMsgType.PING:
+                await ws.pong(msg.data)
     except TimeoutError:
         await ws.close(code=CLOSE_HELLO_TIMEOUT, message=b"hello timeout")
         return None
@@ -239,6 +245,7 @@ class _Budget:
 
 
 _ENDED = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED)
+_CONTROL = (WSMsgType.PING, WSMsgType.PONG)
 
 
 async def _read_loop(ws: web.WebSocketResponse, node: Node, fanout: Fanout, conn: Conn) -> None:
@@ -249,11 +256,17 @@ async def _read_loop(ws: web.WebSocketResponse, node: Node, fanout: Fanout, conn
     budget = _Budget(node)
     max_body = node.settings.limits.max_body_chars
     metrics = node.metrics
+    clock = asyncio.get_running_loop().time
     try:
         while True:
             msg = await ws.receive()
             if msg.type in _ENDED or conn.closing:
                 break
+            conn.last_heard = clock()
+            if msg.type in _CONTROL:
+                if msg.type == WSMsgType.PING:
+                    conn.control(protocol.pong_frame(msg.data))
+                continue
             metrics.frames_in.inc()
             if msg.type == WSMsgType.TEXT:
                 try:

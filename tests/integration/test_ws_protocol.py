@@ -16,7 +16,7 @@ from itsdangerous import TimestampSigner, URLSafeTimedSerializer
 
 from chatd import keys
 from chatd.auth import TOKEN_SALT
-from tests.client import FAST_ENV, Api, User, Ws, connect
+from tests.client import FAST_ENV, Api, User, Ws, connect, metric
 from tests.harness import ChatdNode, ChatdNodes, ValkeyProcess, assert_clean_logs
 
 CLOSE_TOO_BIG = 1009
@@ -671,8 +671,10 @@ async def test_a_peer_that_stops_answering_pings_is_dropped_and_goes_offline(
 
         await mute.wait_closed(timeout=10)
         dropped_after = time.monotonic() - t0
-        # One heartbeat without traffic, then half a heartbeat to answer (aiohttp).
+        # Pinged after 0.75-1 heartbeat of silence, dropped half a heartbeat later at the
+        # next sweep (every quarter heartbeat): 1.25-1.75 heartbeats (chatd/heartbeat.py).
         assert dropped_after < 5, dropped_after
+        assert await metric(http, node.url, "chatd_heartbeat_drops_total") == 1
         await bob_ws.wait_type("presence", user_id=alice.user_id, online=False, timeout=10)
 
         await asyncio.sleep(max(0.0, 3.5 - (time.monotonic() - t0)))  # 3+ heartbeats
