@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
@@ -69,8 +70,8 @@ class Conn:
         self._started = False
         self._task: asyncio.Task[None] | None = None
         self.frames_out = frames_out
-        # Loop times (heartbeat.py): of the last frame from the client, of our last ping.
-        self.last_heard = asyncio.get_running_loop().time()
+        # time.monotonic() (heartbeat.py): of the last frame from the client, of our last ping.
+        self.last_heard = time.monotonic()
         self.ping_sent = 0.0
 
     @property

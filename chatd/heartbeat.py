@@ -14,7 +14,7 @@ after its last frame.
 
 from __future__ import annotations
 
-import asyncio
+import time
 from collections.abc import Iterable
 
 from chatd.conn import Conn
@@ -46,6 +46,6 @@ def heartbeat_loop(node: Node, fanout: Fanout) -> Loop:
     dropped = node.metrics.heartbeat_drops
 
     async def step() -> None:
-        dropped.inc(sweep(fanout.all_conns(), asyncio.get_running_loop().time(), heartbeat_s))
+        dropped.inc(sweep(fanout.all_conns(), time.monotonic(), heartbeat_s))
 
     return Loop("ws-heartbeat", step, node.metrics, interval_s=heartbeat_s / SWEEPS_PER_HEARTBEAT)

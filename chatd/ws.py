@@ -256,7 +256,7 @@ async def _read_loop(ws: web.WebSocketResponse, node: Node, fanout: Fanout, conn
     budget = _Budget(node)
     max_body = node.settings.limits.max_body_chars
     metrics = node.metrics
-    clock = asyncio.get_running_loop().time
+    clock = time.monotonic
     try:
         while True:
             msg = await ws.receive()
