@@ -682,3 +682,30 @@ async def test_a_peer_that_stops_answering_pings_is_dropped_and_goes_offline(
         ack = await bob_ws.send_message(room, "still here")
         assert ack["type"] == "ack", ack
         await bob_ws.close()
+
+
+async def test_client_pings_are_answered_before_hello_and_after_welcome(
+        valkey: ValkeyProcess, chatd_nodes: ChatdNodes) -> None:
+    """RFC 6455 5.5.2: a ping gets a pong with its payload. chatd answers pings itself
+    (autoping off, chatd/heartbeat.py), while it waits for hello and once live."""
+    node = await start_node(chatd_nodes, valkey)
+    async with aiohttp.ClientSession() as http:
+        alice = await Api(http, node.url).register()
+        ws = await http.ws_connect(node.ws_url, autoping=False)
+        try:
+            await ws.ping(b"before-hello")
+            msg = await ws.receive(timeout=5)
+            assert (msg.type, msg.data) == (aiohttp.WSMsgType.PONG, b"before-hello")
+            await ws.send_json({"type": "hello", "token": alice.token})
+            assert json.loads((await ws.receive(timeout=5)).data)["type"] == "welcome"
+            await ws.ping(b"live")
+            msg = await ws.receive(timeout=5)
+            while msg.type == aiohttp.WSMsgType.TEXT:  # presence and the like
+                msg = await ws.receive(timeout=5)
+            assert (msg.type, msg.data) == (aiohttp.WSMsgType.PONG, b"live")
+            # The pings were not protocol frames: no error came back for them.
+            await ws.send_json({"type": "ping", "id": "p1"})
+            reply = json.loads((await ws.receive(timeout=5)).data)
+            assert reply == {"type": "pong", "id": "p1"}, reply
+        finally:
+            await ws.close()
