@@ -146,8 +146,10 @@ async def _read_hello(ws: web.WebSocketResponse, node: Node) -> protocol.Hello |
     loop = asyncio.get_running_loop()
     deadline = loop.time() + node.settings.limits.auth_timeout_s
     try:
-        while (msg := await ws.receive(timeout=max(0.0, deadline - loop.time()))).type \
-                in _CONTROL:
+        while True:
+            msg = await ws.receive(timeout=max(0.0, deadline - loop.time()))
+            if msg.type not in _CONTROL:
+                break
             if msg.type == WSMsgType.PING:
                 await ws.pong(msg.data)
     except TimeoutError:
