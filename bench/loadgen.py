@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import multiprocessing
 import time
 import traceback
@@ -128,6 +129,11 @@ class Worker:
 
         picked = self._pick(roles)
         await asyncio.gather(*(one(c) for c in picked))
+        # The connections' state lives as long as the process; out of the collector's
+        # sight, a full collection stops scanning it. Unfrozen, one took 14-16 ms in
+        # both processes at once (same allocations, same moment) in the middle of a
+        # step, and read as send->deliver latency of the servers.
+        gc.freeze()
         return {"connected": len(picked) - len(failures), "failed": len(failures),
                 "first_error": failures[0] if failures else None,
                 "seconds": time.monotonic() - started}
