@@ -389,8 +389,9 @@ def run_stepped(opts: Options) -> ScenarioResult:
         result.notes.append(
             "per message, chatd: one Lua script (the sender's rate-limit token, membership, "
             "idempotency key, seq, XADD to the room log with AOF everysec, XADD to each "
-            "interested node's inbox), ack after the script, inbox XREADGROUP + XACK/XDEL, "
-            "ordered per-connection queues with gap filling; receipts only with --receipts-ms")
+            "interested node's inbox), ack after the script, inbox XREADGROUP NOACK + batched "
+            "XTRIM, ordered per-connection queues with gap filling; receipts only with "
+            "--receipts-ms")
         if "sio" in systems:
             result.notes.append(
                 "per message, sio peer: socket.io event with ack, local emit to the room and "

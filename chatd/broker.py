@@ -1,12 +1,19 @@
 """Inbox consumption and node liveness.
 
 Every node reads its room inboxes (one per partition on a cluster, one in all
-on a standalone server: keys.inbox_partition) plus its control inbox, in a
-consumer group of its own, and XACKs (then XDELs) entries only after handing
-them to local sockets, in batches (ACK_EVERY_S, ACK_MAX_IDS). After a Redis
-connection drop the consumer re-reads its pending entries first (from id
-"0"), so a burst or a drop loses nothing; what it hands over twice, sockets
-drop by seq.
+on a standalone server: keys.inbox_partition) plus its control inbox, with
+XREADGROUP ... NOACK in a consumer group of its own, and trims the entries it
+handed to local sockets, in batches (TRIM_EVERY_S, TRIM_MAX). The node keeps
+its own cursor, the last entry id it handed over per stream: after a Redis
+connection drop it first catches up with plain XREADs after that cursor, so
+the entries of a reply lost with its connection are read again; what it hands
+over twice (the catch-up overlaps later group reads), it skips by id.
+
+Why NOACK and a cursor of our own rather than the group's pending list: Redis
+writes every pending entry to the AOF twice more (an XCLAIM when read, an XACK
+when acked), about a fifth of the AOF bytes of a send, and a busy AOF is what
+stalls this whole machine for tens of milliseconds (docs/performance.md).
+The group stays because its server-side ">" lets reads be queued ahead.
 
 On a standalone server one blocking XREADGROUP covers every stream, and
 while live the consumer keeps several of them queued ahead (`_read_ahead`);
@@ -35,14 +42,19 @@ log = logging.getLogger("chatd.broker")
 
 GROUP = "chatd"
 
-# Handed-over entries are acked at the first read once this old or this many.
-# Acking after every read cost a round trip per read, which at light load (a
-# message per read) was most of what a read cost. Delay and count bound what a
-# dropped connection re-reads.
-ACK_EVERY_S = 0.05
-ACK_MAX_IDS = 512
+# Handed-over entries are trimmed at the first read once this old or this many:
+# one XTRIM per stream and batch rather than a command per read.
+TRIM_EVERY_S = 0.05
+TRIM_MAX = 512
 # Inbox reads kept queued on a standalone server (`_read_ahead`).
 READ_AHEAD = 8
+
+Batch = list[tuple[str, list[tuple[bytes, dict[bytes, bytes]]]]]
+
+
+def entry_id(raw: bytes) -> tuple[int, int]:
+    ms, _, seq = raw.partition(b"-")
+    return int(ms), int(seq)
 
 
 class Broker:
@@ -83,62 +95,71 @@ class Broker:
     # --- consuming ------------------------------------------------------------
 
     def _consumer(self, streams: list[str]) -> Callable[[], Awaitable[None]]:
-        cursors = dict.fromkeys(streams, "0")
-        handled: dict[str, list[bytes]] = {}  # handed to sockets, not acked yet
-        due = 0.0  # when they must be acked (monotonic)
+        # The last id handed to sockets, per stream: entries at or before it are done.
+        # From "0-0" at start, so what a previous run of this node left is handed out.
+        last = dict.fromkeys(streams, (0, 0))
+        catching_up = True  # plain XREADs after `last` until none is left, then ">"
+        untrimmed: dict[str, int] = {}  # handed over since the last trim, per stream
+        due = 0.0  # when they must be trimmed (monotonic)
         ahead: deque[asyncio.Future[Any]] = deque()  # reads in flight (standalone, live)
 
         async def step() -> None:
-            nonlocal due
+            nonlocal catching_up, due
             try:
-                if handled and (time.monotonic() >= due or
-                                sum(map(len, handled.values())) >= ACK_MAX_IDS):
-                    await self._ack(handled)
-                    handled.clear()
-                if ahead or (not self.node.redis.is_cluster and
-                             all(c == ">" for c in cursors.values())):
-                    batch = await self._read_ahead(cursors, ahead)
+                if untrimmed and (time.monotonic() >= due or
+                                  sum(untrimmed.values()) >= TRIM_MAX):
+                    await self._trim({s: last[s] for s in untrimmed})
+                    untrimmed.clear()
+                if catching_up:
+                    batch = await self._read_after(last)
+                    catching_up = any(items for _, items in batch)
+                elif ahead or not self.node.redis.is_cluster:
+                    batch = await self._read_ahead(streams, ahead)
                 else:
-                    batch = await self.read_batch(cursors)
+                    batch = await self._read_new(streams)
             except ResponseError:
                 # NOGROUP: the janitor removed our inboxes; the heartbeat handles the rest.
                 await self._drop_ahead(ahead)
                 await self.create_groups()
-                cursors.update(dict.fromkeys(cursors, "0"))
+                catching_up = True
                 raise
             except BaseException:
                 await self._drop_ahead(ahead)
-                cursors.update(dict.fromkeys(cursors, "0"))  # re-read what is pending
+                catching_up = True  # a reply may have been lost with its connection
                 raise
-            for stream, ids in self.handle_batch(batch, cursors):
-                if not handled:
-                    due = time.monotonic() + ACK_EVERY_S
-                handled.setdefault(stream, []).extend(ids)
+            for stream, n in self.handle_batch(batch, last):
+                if not untrimmed:
+                    due = time.monotonic() + TRIM_EVERY_S
+                untrimmed[stream] = untrimmed.get(stream, 0) + n
 
         return step
 
-    async def _ack(self, handled: dict[str, list[bytes]]) -> None:
-        """XACK + XDEL what was handed to sockets. Until that lands the entries stay
-        pending: a consumer that fails meanwhile re-reads (and sockets drop) them."""
+    async def _trim(self, upto: dict[str, tuple[int, int]]) -> None:
+        """Drop each stream's entries up to its last handed-over one: MINID keeps
+        what was written since, read or not."""
+        commands = [("XTRIM", stream, "MINID", f"{ms}-{seq + 1}")
+                    for stream, (ms, seq) in upto.items()]
         if not self.node.redis.is_cluster:
-            commands: list[tuple[str | bytes | int, ...]] = []
-            for stream, ids in handled.items():
-                commands += [("XACK", stream, GROUP, *ids), ("XDEL", stream, *ids)]
             await self.node.redis.raw.pipeline(commands)
             return
         async with self.node.redis.raw.pipeline(transaction=False) as pipe:
-            for stream, ids in handled.items():
-                pipe.xack(stream, GROUP, *ids)
-                pipe.xdel(stream, *ids)
+            for command in commands:
+                pipe.execute_command(*command)
             await pipe.execute()
 
-    def _xreadgroup(self, cursors: dict[str, str]) -> tuple[str | int, ...]:
+    def _xreadgroup(self, streams: list[str]) -> tuple[str | int, ...]:
+        """New entries (">"), blocking; NOACK: they never enter the pending list."""
         fanout = self.node.settings.fanout
         return ("XREADGROUP", "GROUP", GROUP, self.node.node_id, "COUNT", fanout.read_count,
-                "BLOCK", fanout.block_ms, "STREAMS", *cursors, *cursors.values())
+                "BLOCK", fanout.block_ms, "NOACK", "STREAMS", *streams, *[">"] * len(streams))
 
-    async def _read_ahead(self, cursors: dict[str, str], ahead: deque[asyncio.Future[Any]],
-                          ) -> list[tuple[str, list[tuple[bytes, dict[bytes, bytes]]]]]:
+    def _xread_after(self, last: dict[str, tuple[int, int]]) -> tuple[str | int, ...]:
+        """Entries after the node's own cursors, without blocking (catching up)."""
+        return ("XREAD", "COUNT", self.node.settings.fanout.read_count, "STREAMS", *last,
+                *[f"{ms}-{seq}" for ms, seq in last.values()])
+
+    async def _read_ahead(self, streams: list[str], ahead: deque[asyncio.Future[Any]],
+                          ) -> Batch:
         """The next batch of new entries from reads queued ahead on the reader's own
         connection. Redis answers a queued XREADGROUP as soon as entries arrive,
         without waiting for a request, so a node writes one command per READ_AHEAD / 2
@@ -149,15 +170,15 @@ class Broker:
             # Each read blocks only once those before it answered: the k-th may take
             # k block times.
             ahead.extend(await self.node.redis.reader.submit(
-                [self._xreadgroup(cursors)] * new, extra_s=(len(ahead) + 1) * block_s,
+                [self._xreadgroup(streams)] * new, extra_s=(len(ahead) + 1) * block_s,
                 step_s=block_s))
         reply = await ahead[0]
         ahead.popleft()
         return _batch(reply)
 
     async def _drop_ahead(self, ahead: deque[asyncio.Future[Any]]) -> None:
-        """After a failure: reads still queued would hand out entries nobody handles
-        ahead of the re-read of pending ones, so their connection goes with them."""
+        """After a failure: reads still queued would hand out entries ahead of the
+        catch-up after them, so their connection goes with them."""
         if not ahead:
             return
         in_flight = False
@@ -172,46 +193,53 @@ class Broker:
         if in_flight:
             await self.node.redis.reader.close()
 
-    async def read_batch(self, cursors: dict[str, str],
-                         ) -> list[tuple[str, list[tuple[bytes, dict[bytes, bytes]]]]]:
-        """One read: of pending entries after a cursor (recovery), or on a cluster."""
+    async def _read_new(self, streams: list[str]) -> Batch:
+        return await self._read(self._xreadgroup(streams), streams)
+
+    async def _read_after(self, last: dict[str, tuple[int, int]]) -> Batch:
+        return await self._read(self._xread_after(last), list(last))
+
+    async def _read(self, command: tuple[str | int, ...], streams: list[str]) -> Batch:
+        """One read on the reader: on a standalone server any, on a cluster one stream's."""
         reader = self.node.redis.reader
         if not self.node.redis.is_cluster:
             block_s = self.node.settings.fanout.block_ms / 1000
-            return _batch(await reader.execute(*self._xreadgroup(cursors), extra_s=block_s))
-        # One stream per reader here. Name the node that serves it: XREADGROUP has
-        # "movable" keys, so redis-py would ask one fixed node (COMMAND GETKEYS) where
-        # to send it, twice per read, and if that node dies it fails before its own
-        # failover handling, for ever: inbox reads would stop until the node is back.
-        ((stream, _),) = cursors.items()
-        reply = await reader.execute_command(*self._xreadgroup(cursors),
+            return _batch(await reader.execute(*command, extra_s=block_s))
+        # Name the node that serves the stream: XREAD(GROUP) has "movable" keys, so
+        # redis-py would ask one fixed node (COMMAND GETKEYS) where to send it, twice
+        # per read, and if that node dies it fails before its own failover handling,
+        # for ever: inbox reads would stop until the node is back.
+        (stream,) = streams
+        reply = await reader.execute_command(*command,
                                              target_nodes=reader.get_node_from_key(stream))
         if isinstance(reply, dict):  # RESP3 shape
             return [(k.decode(), v[0] if v and isinstance(v[0], list) else v)
                     for k, v in reply.items()]
-        return [(stream.decode(), items) for stream, items in reply or ()]
+        return [(s.decode(), items) for s, items in reply or ()]
 
-    def handle_batch(self, batch: list[tuple[str, list[tuple[bytes, dict[bytes, bytes]]]]],
-                     cursors: dict[str, str]) -> list[tuple[str, list[bytes]]]:
-        """Hand entries to local sockets; returns the ids to ack, per stream."""
-        handled: list[tuple[str, list[bytes]]] = []
+    def handle_batch(self, batch: Batch, last: dict[str, tuple[int, int]],
+                     ) -> list[tuple[str, int]]:
+        """Hand entries after `last` to local sockets and move `last` past them;
+        returns how many were handed over, per stream."""
+        handled: list[tuple[str, int]] = []
         for stream, items in batch:
-            if cursors.get(stream, ">") != ">":
-                # Re-reading pending entries: go on after the last one (the same read
-                # again would hand out the same entries until their ack lands), and
-                # go live once none are left.
-                cursors[stream] = items[-1][0].decode() if items else ">"
-            if not items:
-                continue
+            done = last[stream]
             control = stream == self._control
-            for _entry_id, fields in items:
-                if fields:  # a pending entry trimmed away arrives without fields
-                    try:
-                        self.fanout.handle(fields, control=control)
-                    except (KeyError, ValueError) as e:
-                        log.warning("malformed inbox entry", extra={"error": repr(e)})
-            handled.append((stream, [entry_id for entry_id, _ in items]))
-            self.node.metrics.inbox_entries.inc(len(items))
+            n = 0
+            for raw_id, fields in items:
+                eid = entry_id(raw_id)
+                if eid <= done:
+                    continue  # handed over already: a catch-up read got it first
+                done = eid
+                n += 1
+                try:
+                    self.fanout.handle(fields, control=control)
+                except (KeyError, ValueError) as e:
+                    log.warning("malformed inbox entry", extra={"error": repr(e)})
+            if n:
+                last[stream] = done
+                handled.append((stream, n))
+                self.node.metrics.inbox_entries.inc(n)
         return handled
 
     # --- liveness -------------------------------------------------------------
@@ -238,6 +266,6 @@ class Broker:
         return bool(ok)
 
 
-def _batch(reply: list[Any] | None) -> list[tuple[str, list[tuple[bytes, dict[bytes, bytes]]]]]:
-    """An XREADGROUP reply from the multiplexed client, shaped like redis-py's."""
+def _batch(reply: list[Any] | None) -> Batch:
+    """An XREAD(GROUP) reply from the multiplexed client, shaped like redis-py's."""
     return [(stream.decode(), entries(items)) for stream, items in reply or ()]

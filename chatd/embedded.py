@@ -61,9 +61,9 @@ def persistence_args(appendfsync: str, aof_rewrite_min_mb: int) -> list[str]:
 
     The AOF is rewritten (compacted; a fork, and a child that writes the whole
     dataset) once it has grown by `aof_rewrite_min_mb` and doubled. A send appends
-    about 2 KB to it: the room log entry, one inbox entry per interested node and
-    the later XACK + XDEL of each, and those inbox entries are gone from the
-    dataset soon after. So at Valkey's default of 64 MB a busy node rewrites every
+    about 2 KB to it: the room log entry, the idempotency key, the token bucket and
+    one inbox entry per interested node, and those inbox entries are trimmed from
+    the dataset soon after. So at Valkey's default of 64 MB a busy node rewrites every
     few seconds, each time taking a core away from everything else.
     """
     if appendfsync not in APPENDFSYNC_MODES:

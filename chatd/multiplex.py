@@ -247,8 +247,8 @@ class Multiplexed:
 
 
 def entries(reply: list[Any] | None) -> list[tuple[bytes, dict[bytes, bytes]]]:
-    """A stream range (XRANGE, one stream of XREADGROUP) as redis-py shapes it: field
-    lists become dicts. An entry trimmed away while pending has no fields: `{}`."""
+    """A stream range (XRANGE, one stream of an XREAD) as redis-py shapes it: field
+    lists become dicts."""
     out = []
     for entry_id, flat in reply or ():
         it = iter(flat or ())

@@ -8,10 +8,10 @@ A node holds these clients to the same server or cluster:
   sockets without a decode/encode round (retried, like `cmd`).
 - `reader`: blocking inbox reads (XREADGROUP), raw bytes, with a timeout
   above the block time (a blocking read must not be cut by its own client:
-  redis-py #2807) and **no retries**: XREADGROUP marks entries pending when
-  Redis sends the reply, so a reply lost with its connection must surface as
-  an error, after which the consumer re-reads its pending entries. A silent
-  retry would read only new entries and strand those.
+  redis-py #2807) and **no retries**: XREADGROUP moves the group past entries
+  when Redis sends the reply, so a reply lost with its connection must surface
+  as an error, after which the consumer catches up from its own cursor. A
+  silent retry would read only new entries and strand those.
 
 On a standalone server what runs per message goes through pipelined
 connections instead (`multiplex.py`: a fraction of redis-py's CPU per call):

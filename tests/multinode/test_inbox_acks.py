@@ -1,7 +1,7 @@
-"""Inbox entries are acked and deleted once handed to sockets (chatd/broker.py).
+"""Inbox entries are trimmed once handed to sockets (chatd/broker.py).
 
-Acks wait for a later read (ACK_EVERY_S), so a node's inbox must still empty
-soon after traffic stops: nothing pending, nothing left in the stream. And on
+Trims wait for a later read (TRIM_EVERY_S), so a node's inbox must still empty
+soon after traffic stops, and reads are NOACK: nothing is ever pending. And on
 a standalone server the node reads one room inbox, whatever the rooms'
 partitions, and keeps inbox reads queued ahead of the one Redis is blocking.
 """
@@ -20,7 +20,7 @@ from tests.harness import ChatdNodes, ValkeyProcess
 MESSAGES = 40
 
 
-async def test_inbox_is_acked_and_emptied_after_a_burst(
+async def test_inbox_is_emptied_after_a_burst_and_nothing_pends(
         valkey: ValkeyProcess, chatd_nodes: ChatdNodes) -> None:
     (node,) = await chatd_nodes.start(1, redis_url=valkey, env=FAST_ENV)
     admin = valkey.client()
@@ -40,7 +40,7 @@ async def test_inbox_is_acked_and_emptied_after_a_burst(
             # the room's partition (keys.inbox_partition).
             inbox = keys.inbox(0, node.node_id)
             assert await admin.keys(f"{keys.PREFIX}:*:inbox:{node.node_id}") == [inbox.encode()]
-            # The last acks go out with the read after the burst's: within fanout.block_ms.
+            # The last trim goes out with the read after the burst's: within fanout.block_ms.
             deadline = asyncio.get_running_loop().time() + 5
             while True:
                 pending = (await admin.xpending(inbox, GROUP))["pending"]

@@ -159,9 +159,9 @@ async def test_acked_messages_survive_redis_connection_kills(
 
 # --- the lost XREADGROUP reply ----------------------------------------------------------
 #
-# XREADGROUP with ">" moves entries to the consumer's pending list when the server builds
-# the reply. If the connection dies after that and before the reply is read, the entries
-# are pending but were never seen. Sending the entry and killing the blocked reader's
+# XREADGROUP with ">" moves the group past entries when the server builds the reply. If
+# the connection dies after that and before the reply is read, the group has moved on
+# but the node never saw them. Sending the entry and killing the blocked reader's
 # connection in one pipeline makes that happen every time: Valkey serves the blocked
 # reader right after the write, then frees it (and its unsent reply) on the kill.
 
@@ -238,9 +238,8 @@ async def test_entry_delivered_when_the_reader_connection_dies_with_its_reply(
             else:
                 # The session is revoked: its connection must close with 4001 within 2 s.
                 assert await bob_ws.wait_closed(timeout=2) == 4001
-            # The re-read of pending entries moves on after each batch: at most the
-            # warm-up's entry (if its ack had not gone out yet) and the lost one, once
-            # each, rather than the same ones again on every read until their ack lands.
+            # The catch-up reads after the node's own cursor: the lost entry, once,
+            # and nothing handed over before it (at most 2: the warm-up's and the lost).
             await asyncio.sleep(0.2)
             assert await metric(http, node.url, "chatd_inbox_entries_total") - handed <= 2
             await alice_ws.close()
