@@ -37,6 +37,7 @@ from bench.loadgen import WorkerPool
 from bench.peers import node_setup
 from bench.plan import MEMBER, ConnSpec, Topology
 from bench.report import ScenarioResult, StepResult
+from bench.stallprobe import StallProbe
 from bench.tracking import count_loss, merge_samples, percentile
 
 SCENARIOS = ("rooms", "direct", "fanout", "idle", "resume")
@@ -179,52 +180,55 @@ def _run_steps(opts: Options, stack: Stack, pool: WorkerPool, specs: list[ConnSp
     per_send = statistics.mean(s.recipients for s in senders)
     window = opts.duration - opts.warmup
     steps: list[StepResult] = []
-    for i, offered in enumerate(opts.rates):
-        rate = offered / len(senders)
-        t0 = time.time() + 0.3
-        pool.call("step", i, rate, t0, opts.duration, opts.warmup)
-        _sleep_until(t0, stack)
-        s0 = _sample(stack, pool)
-        _sleep_until(t0 + opts.duration, stack)
-        windows = pool.call("step_wait", timeout=opts.duration + 60)
-        drained, drain_s = _drain(pool, opts.drain_s)
-        s1 = _sample(stack, pool)
-        a = Counter[str]()
-        b = Counter[str]()
-        for w in windows:
-            a.update(w["start"])
-            b.update(w["end"])
-        sends = s1.status["sent"] - s0.status["sent"]
-        scripts = sum(s1.calls.get(c, 0) - s0.calls.get(c, 0) for c in SCRIPT_COMMANDS)
-        cmds = sum(s1.calls.values()) - sum(s0.calls.values())
-        lat = sorted(x for part in pool.call("latency", i) for x in part)
-        step = StepResult(
-            system=system, step=i, offered=offered, per_sender=rate,
-            expected_delivered=offered * per_send,
-            sent_rate=(b["sent"] - a["sent"]) / window,
-            delivered_rate=(b["deliveries"] - a["deliveries"]) / window,
-            acks_rate=(b["acked"] - a["acked"]) / window,
-            span_s=s1.t - s0.t, span_sends=sends,
-            span_deliveries=s1.status["deliveries"] - s0.status["deliveries"],
-            server_cpu=s1.server - s0.server, redis_cpu=s1.redis - s0.redis,
-            client_cpu=s1.clients - s0.clients, other_cpu=s1.others(s0),
-            wait_s=s1.wait - s0.wait,
-            scripts_per_send=scripts / sends if sends else 0.0,
-            cmds_per_send=cmds / sends if sends else 0.0,
-            drained=drained, p99_ms=_ms(percentile(lat, 0.99)),
-            failed=s1.status["failed"] - s0.status["failed"],
-            errors=_delta(s0.status, s1.status, "error:"),
-            closes=_delta(s0.status, s1.status, "close:"))
-        step.saturated = _saturation(opts, step, drain_s)
-        opts.say(f"{system} step {i}: offered {offered:.0f}/s ({rate:.2f}/s per sender), "
-                 f"delivered {step.delivered_rate:.0f}/s of {step.expected_delivered:.0f}/s, "
-                 f"p99 {step.p99_ms or 0:.1f} ms, server cpu {step.server_cpu:.2f}s"
-                 + (f", failed sends {step.errors}" if step.failed else "")
-                 + (f", connections closed {step.closes}" if step.closes else "")
-                 + (f" -> saturated: {step.saturated}" if step.saturated else ""))
-        steps.append(step)
-        if step.saturated and not opts.all_steps:
-            break
+    with StallProbe() as probe:
+        for i, offered in enumerate(opts.rates):
+            rate = offered / len(senders)
+            t0 = time.time() + 0.3
+            pool.call("step", i, rate, t0, opts.duration, opts.warmup)
+            _sleep_until(t0, stack)
+            s0 = _sample(stack, pool)
+            _sleep_until(t0 + opts.duration, stack)
+            windows = pool.call("step_wait", timeout=opts.duration + 60)
+            drained, drain_s = _drain(pool, opts.drain_s)
+            s1 = _sample(stack, pool)
+            a = Counter[str]()
+            b = Counter[str]()
+            for w in windows:
+                a.update(w["start"])
+                b.update(w["end"])
+            sends = s1.status["sent"] - s0.status["sent"]
+            scripts = sum(s1.calls.get(c, 0) - s0.calls.get(c, 0) for c in SCRIPT_COMMANDS)
+            cmds = sum(s1.calls.values()) - sum(s0.calls.values())
+            lat = sorted(x for part in pool.call("latency", i) for x in part)
+            stalls, stall_ms = probe.between(t0, t0 + opts.duration)
+            step = StepResult(
+                system=system, step=i, offered=offered, per_sender=rate,
+                expected_delivered=offered * per_send,
+                sent_rate=(b["sent"] - a["sent"]) / window,
+                delivered_rate=(b["deliveries"] - a["deliveries"]) / window,
+                acks_rate=(b["acked"] - a["acked"]) / window,
+                span_s=s1.t - s0.t, span_sends=sends,
+                span_deliveries=s1.status["deliveries"] - s0.status["deliveries"],
+                server_cpu=s1.server - s0.server, redis_cpu=s1.redis - s0.redis,
+                client_cpu=s1.clients - s0.clients, other_cpu=s1.others(s0),
+                wait_s=s1.wait - s0.wait,
+                stalls=stalls, stall_ms=stall_ms,
+                scripts_per_send=scripts / sends if sends else 0.0,
+                cmds_per_send=cmds / sends if sends else 0.0,
+                drained=drained, p99_ms=_ms(percentile(lat, 0.99)),
+                failed=s1.status["failed"] - s0.status["failed"],
+                errors=_delta(s0.status, s1.status, "error:"),
+                closes=_delta(s0.status, s1.status, "close:"))
+            step.saturated = _saturation(opts, step, drain_s)
+            opts.say(f"{system} step {i}: offered {offered:.0f}/s ({rate:.2f}/s per sender), "
+                     f"delivered {step.delivered_rate:.0f}/s of {step.expected_delivered:.0f}/s, "
+                     f"p99 {step.p99_ms or 0:.1f} ms, server cpu {step.server_cpu:.2f}s"
+                     + (f", failed sends {step.errors}" if step.failed else "")
+                     + (f", connections closed {step.closes}" if step.closes else "")
+                     + (f" -> saturated: {step.saturated}" if step.saturated else ""))
+            steps.append(step)
+            if step.saturated and not opts.all_steps:
+                break
     return steps
 
 
