@@ -20,7 +20,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # Sizes per scenario: (full run, --quick). Flags override either.
 DEFAULTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "rooms": ({"rooms": 100, "members": 10,
-               "rates": [500, 1000, 2000, 3000, 4000, 6000, 8000]},
+               "rates": [500, 1000, 2000, 3000, 4000, 6000, 8000, 10000, 12000]},
               {"rooms": 10, "members": 5, "rates": [100]}),
     "direct": ({"pairs": 500, "rates": [500, 1000, 2000, 3000, 4000, 6000]},
                {"pairs": 20, "rates": [80]}),
@@ -71,7 +71,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--scenario", required=True, choices=[*SCENARIOS, "all"])
     r.add_argument("--quick", action="store_true", help="small sizes, a few seconds each")
     r.add_argument("--nodes", type=int, default=2, help="server nodes (default 2)")
-    r.add_argument("--workers", type=int, default=2, help="load-generator processes (2)")
+    r.add_argument("--workers", type=int, default=1, help="load-generator processes (1)")
     r.add_argument("--rates", type=_rates, help="offered sends/s per step, e.g. 500,1000,2000")
     r.add_argument("--duration", type=float, help="seconds of sending per step")
     r.add_argument("--warmup", type=float, help="first seconds of a step not in the rates")

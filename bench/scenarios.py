@@ -52,7 +52,7 @@ class Options:
     command: str
     quick: bool = False
     nodes: int = 2
-    workers: int = 2
+    workers: int = 1
     rates: list[float] = field(default_factory=list)  # offered sends/s, one per step
     duration: float = 8.0
     warmup: float = 1.0
