@@ -345,7 +345,45 @@ async def _ping(host: str, port: int, timeout: float = 0.5) -> bool:
     return line.startswith(b"+PONG")
 
 
-class ValkeyProcess:
+class _Child:
+    """What the harness's child processes (Valkey, chatd) have in common: a process
+    that may not be running, and a log file."""
+
+    proc: subprocess.Popen[bytes] | None
+    log_path: Path
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def kill(self) -> None:
+        """SIGKILL and reap (no shutdown: for Valkey, no final AOF fsync)."""
+        _kill_and_reap(self.proc)
+
+    async def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM and wait (SIGKILL after ``timeout``); returns the exit code."""
+        proc = self.proc
+        if proc is None:
+            return None
+        _signal(proc, signal.SIGTERM)
+        rc = await _wait_proc(proc, timeout)
+        if rc is None:
+            _kill_and_reap(proc)
+            rc = proc.returncode
+        return rc
+
+
+class ValkeyProcess(_Child):
     """A private ``valkey-server`` on 127.0.0.1.
 
     ``start()`` / ``stop()`` are async (``start_sync()`` / ``stop_sync()`` exist for
@@ -385,14 +423,6 @@ class ValkeyProcess:
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None else None
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
     def argv(self) -> list[str]:
         return [
             str(self.binaries.server),
@@ -406,12 +436,6 @@ class ValkeyProcess:
             "--enable-debug-command", "local",
             *self.extra_args,
         ]  # fmt: skip
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
 
     def _spawn(self) -> subprocess.Popen[bytes]:
         if self.running:
@@ -447,18 +471,6 @@ class ValkeyProcess:
                 raise self._not_up(f"did not answer PING within {timeout}s")
             time.sleep(0.02)
 
-    async def stop(self, timeout: float = 10.0) -> int | None:
-        """SIGTERM and wait (SIGKILL after ``timeout``); returns the exit code."""
-        proc = self.proc
-        if proc is None:
-            return None
-        _signal(proc, signal.SIGTERM)
-        rc = await _wait_proc(proc, timeout)
-        if rc is None:
-            _kill_and_reap(proc)
-            rc = proc.returncode
-        return rc
-
     def stop_sync(self, timeout: float = 10.0) -> int | None:
         proc = self.proc
         if proc is None:
@@ -469,10 +481,6 @@ class ValkeyProcess:
         except subprocess.TimeoutExpired:
             _kill_and_reap(proc)
             return proc.returncode
-
-    def kill(self) -> None:
-        """SIGKILL and reap (no shutdown, no final AOF fsync)."""
-        _kill_and_reap(self.proc)
 
     def client(self, **kwargs: Any) -> aioredis.Redis:
         """A new ``redis.asyncio.Redis`` for this server; the caller must ``aclose()`` it."""
@@ -889,7 +897,7 @@ def _child_env(extra: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
-class ChatdNode:
+class ChatdNode(_Child):
     """One chatd server subprocess (``python -m chatd ...``) on 127.0.0.1."""
 
     def __init__(
@@ -938,14 +946,6 @@ class ChatdNode:
         return f"ws://{self.host}:{self.port}/ws"
 
     @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None else None
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    @property
     def returncode(self) -> int | None:
         return self.proc.poll() if self.proc is not None else None
 
@@ -964,12 +964,6 @@ class ChatdNode:
         if self.config_path is not None:
             argv += ["--config", str(self.config_path)]
         return argv + self.extra_args
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
 
     def log_tail(self, lines: int = 60) -> str:
         return tail(self.log_path, lines)
@@ -1025,10 +1019,6 @@ class ChatdNode:
         """SIGTERM (does not wait; see :meth:`wait_exit`)."""
         _signal(self.proc, signal.SIGTERM)
 
-    def kill(self) -> None:
-        """SIGKILL and reap."""
-        _kill_and_reap(self.proc)
-
     async def wait_exit(self, timeout: float = 10.0) -> int:
         """Wait for the process to exit; returns its returncode, TimeoutError otherwise."""
         if self.proc is None:
@@ -1037,17 +1027,6 @@ class ChatdNode:
         if rc is None:
             raise TimeoutError(f"chatd {self.node_id} still running after {timeout}s")
         return rc
-
-    async def stop(self, timeout: float = 10.0) -> int | None:
-        """SIGTERM, wait up to ``timeout``, then SIGKILL. Returns the returncode."""
-        if self.proc is None:
-            return None
-        self.terminate()
-        try:
-            return await self.wait_exit(timeout)
-        except TimeoutError:
-            self.kill()
-            return self.proc.returncode
 
     async def restart(self, timeout: float = 20.0) -> None:
         """Stop (if running) and start again with the same port, node id and dirs."""

@@ -293,27 +293,18 @@ async def test_unread_counts_follow_read_seq(
         assert bob_view[empty] == (0, 0, None)
         assert (await unread_of(api, alice))[room] == (5, 1, 5)
 
-        # Delivered does not touch unread; read does.
-        await bob_ws.send({"type": "delivered", "room_id": room, "seq": 5})
-        await settle(bob_ws)
-        assert (await unread_of(api, bob))[room] == (5, 4, 5)
-        await bob_ws.send({"type": "read", "room_id": room, "seq": 2})
-        await settle(bob_ws)
-        assert (await unread_of(api, bob))[room] == (5, 2, 5)
-        await bob_ws.send({"type": "read", "room_id": room, "seq": 4})
-        await settle(bob_ws)
-        assert (await unread_of(api, bob))[room] == (5, 1, 5)
-        await bob_ws.send({"type": "read", "room_id": room, "seq": 5})
-        await settle(bob_ws)
-        assert (await unread_of(api, bob))[room] == (5, 0, 5)
-        # A lower read afterwards changes nothing.
-        await bob_ws.send({"type": "read", "room_id": room, "seq": 1})
-        await settle(bob_ws)
-        assert (await unread_of(api, bob))[room] == (5, 0, 5)
-        # Alice reads bob's message.
-        await alice_ws.send({"type": "read", "room_id": room, "seq": 4})
-        await settle(alice_ws)
-        assert (await unread_of(api, alice))[room] == (5, 0, 5)
+        steps = [
+            (bob_ws, bob, "delivered", 5, 4),  # delivered does not touch unread; read does
+            (bob_ws, bob, "read", 2, 2),
+            (bob_ws, bob, "read", 4, 1),
+            (bob_ws, bob, "read", 5, 0),
+            (bob_ws, bob, "read", 1, 0),  # a lower read afterwards changes nothing
+            (alice_ws, alice, "read", 4, 0),  # alice reads bob's message
+        ]
+        for ws, user, kind, seq, unread in steps:
+            await ws.send({"type": kind, "room_id": room, "seq": seq})
+            await settle(ws)
+            assert (await unread_of(api, user))[room] == (5, unread, 5), (kind, seq)
         for w in (alice_ws, bob_ws):
             await w.close()
     assert_clean_logs(node)
