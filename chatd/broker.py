@@ -222,24 +222,32 @@ class Broker:
         """Hand entries after `last` to local sockets and move `last` past them;
         returns how many were handed over, per stream."""
         handled: list[tuple[str, int]] = []
-        for stream, items in batch:
-            done = last[stream]
-            control = stream == self._control
-            n = 0
-            for raw_id, fields in items:
-                eid = entry_id(raw_id)
-                if eid <= done:
-                    continue  # handed over already: a catch-up read got it first
-                done = eid
-                n += 1
-                try:
-                    self.fanout.handle(fields, control=control)
-                except (KeyError, ValueError) as e:
-                    log.warning("malformed inbox entry", extra={"error": repr(e)})
-            if n:
-                last[stream] = done
-                handled.append((stream, n))
-                self.node.metrics.inbox_entries.inc(n)
+        # One entry means at most one frame per connection: nothing to coalesce.
+        coalesce = len(batch) > 1 or any(len(items) > 1 for _, items in batch)
+        if coalesce:
+            self.fanout.batch.begin()
+        try:
+            for stream, items in batch:
+                done = last[stream]
+                control = stream == self._control
+                n = 0
+                for raw_id, fields in items:
+                    eid = entry_id(raw_id)
+                    if eid <= done:
+                        continue  # handed over already: a catch-up read got it first
+                    done = eid
+                    n += 1
+                    try:
+                        self.fanout.handle(fields, control=control)
+                    except (KeyError, ValueError) as e:
+                        log.warning("malformed inbox entry", extra={"error": repr(e)})
+                if n:
+                    last[stream] = done
+                    handled.append((stream, n))
+                    self.node.metrics.inbox_entries.inc(n)
+        finally:
+            if coalesce:
+                self.fanout.batch.end()
         return handled
 
     # --- liveness -------------------------------------------------------------

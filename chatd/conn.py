@@ -8,6 +8,9 @@ switches. Otherwise it waits in a bounded queue that a writer task drains at
 the socket's pace (the task exists only while there is a backlog). A full
 queue is the slow-consumer signal: the connection is closed with 4009
 (resume required) rather than skipping messages or growing without bound.
+
+While a `WriteBatch` is open (an inbox batch or a page of the room log being
+handed out), each connection's frames are joined into one write instead.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ log = logging.getLogger("chatd.conn")
 
 _CLOSE_HANDSHAKE_S = 5.0
 _RECHECK_S = 0.01
+# A connection's coalesced frames go out once this many bytes are waiting, so a
+# batch never holds more per connection than a fraction of the write buffer.
+CORK_MAX_BYTES = 16384
 
 
 class Cursor:
@@ -44,16 +50,43 @@ class Cursor:
         self.backlog: list[tuple[int, bytes]] = []
 
 
+class WriteBatch:
+    """While open, frames written to a connection wait and go out as one write per
+    connection when it closes. A loopback write costs 15-20 us here whatever its
+    size, and a node that fell behind reads hundreds of entries at once, several
+    per room: one write per connection instead of one per frame is what lets it
+    catch up. Opened only around synchronous loops, so nothing else writes meanwhile."""
+
+    __slots__ = ("corked", "open")
+
+    def __init__(self) -> None:
+        self.open = False
+        self.corked: list[Conn] = []
+
+    def begin(self) -> None:
+        self.open = True
+
+    def end(self) -> None:
+        self.open = False
+        for conn in self.corked:
+            conn.uncork()
+        self.corked.clear()
+
+
 class Conn:
-    __slots__ = ("_high_water", "_out", "_room_waiter", "_started", "_task", "close_code",
-                 "cursors", "frames_out", "last_heard", "max_queue", "ping_sent", "queue",
-                 "session_id", "user_id", "ws")
+    __slots__ = ("_batch", "_cork", "_high_water", "_out", "_room_waiter", "_started",
+                 "_task", "close_code", "cursors", "frames_out", "last_heard", "max_queue",
+                 "ping_sent", "queue", "session_id", "user_id", "ws")
 
     def __init__(self, ws: web.WebSocketResponse, out: AbstractStreamWriter, user_id: str,
-                 session_id: str, max_queue: int, frames_out: Counter | None = None) -> None:
-        """`out` is what `ws.prepare()` returned: the socket's transport and its drain."""
+                 session_id: str, max_queue: int, frames_out: Counter | None = None,
+                 batch: WriteBatch | None = None) -> None:
+        """`out` is what `ws.prepare()` returned: the socket's transport and its drain.
+        `batch` is the node's: while it is open, writes are coalesced."""
         self.ws = ws
         self._out = out
+        self._batch = batch
+        self._cork: bytearray | None = None
         transport = out.transport
         self._high_water = transport.get_write_buffer_limits()[1] if transport else 0
         self.user_id = user_id
@@ -105,10 +138,26 @@ class Conn:
         if transport is None or transport.is_closing() or \
                 transport.get_write_buffer_size() > self._high_water:
             return False
-        transport.write(ws_text_frame(frame))
+        data = ws_text_frame(frame)
+        if self._batch is None or not self._batch.open:
+            transport.write(data)
+        elif self._cork is None:
+            self._cork = bytearray(data)
+            self._batch.corked.append(self)
+        else:
+            self._cork += data
+            if len(self._cork) >= CORK_MAX_BYTES:
+                self.uncork()
         if self.frames_out is not None:
             self.frames_out.inc()
         return True
+
+    def uncork(self) -> None:
+        """Write what the open batch coalesced (`WriteBatch.end`, or a full cork)."""
+        cork, self._cork = self._cork, None
+        transport = self._out.transport
+        if cork and transport is not None and not transport.is_closing():
+            transport.write(cork)
 
     def control(self, frame: bytes) -> None:
         """Write a ping or pong now, ahead of anything queued: RFC 6455 lets control

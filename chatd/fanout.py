@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from redis.exceptions import RedisError
 
 from chatd import keys
-from chatd.conn import Conn, Cursor
+from chatd.conn import Conn, Cursor, WriteBatch
 from chatd.errors import ChatError
 from chatd.node import Node
 from chatd.protocol import CLOSE_RESUME_REQUIRED, CLOSE_UNAUTHORIZED, message_frame
@@ -41,6 +41,8 @@ class Fanout:
         self._interested: set[str] = set()
         self._locks: dict[str, asyncio.Lock] = {}
         self._presence_seen: dict[str, set[Conn]] = {}
+        # Shared by every local connection: open while a batch of frames is handed out.
+        self.batch = WriteBatch()
 
     # --- connections -----------------------------------------------------------
 
@@ -172,11 +174,16 @@ class Fanout:
             entries = await self.node.redis.log_range(log_key, f"{cur.next}-0", f"{target}-0",
                                                       count)
             taken = 0
-            for entry_id, fields in entries:
-                if conn.free() <= 0:  # other rooms' fills took the room meanwhile
-                    break
-                conn.accept(cur, int(entry_id.split(b"-", 1)[0]), message_frame(fields[b"m"]))
-                taken += 1
+            self.batch.begin()
+            try:
+                for entry_id, fields in entries:
+                    if conn.free() <= 0:  # other rooms' fills took the room meanwhile
+                        break
+                    conn.accept(cur, int(entry_id.split(b"-", 1)[0]),
+                                message_frame(fields[b"m"]))
+                    taken += 1
+            finally:
+                self.batch.end()
             if taken == len(entries) < count:
                 cur.next = max(cur.next, target + 1)  # trimmed by retention: gone for everyone
 

@@ -102,7 +102,7 @@ async def _open(request: web.Request, ws: web.WebSocketResponse, out: AbstractSt
         return None
     fanout = request.app[FANOUT]
     conn = Conn(ws, out, principal.user_id, principal.session_id,
-                node.settings.limits.send_queue_max, node.metrics.frames_out)
+                node.settings.limits.send_queue_max, node.metrics.frames_out, fanout.batch)
     first = fanout.add_conn(conn)
     try:
         await presence.opened(node, conn.user_id, first)

@@ -9,7 +9,7 @@ import asyncio
 from types import SimpleNamespace
 from typing import Any
 
-from chatd.conn import Conn, Cursor
+from chatd.conn import CORK_MAX_BYTES, Conn, Cursor, WriteBatch
 from chatd.protocol import CLOSE_RESUME_REQUIRED, ws_text_frame
 
 ROOM = "room-a"
@@ -221,3 +221,73 @@ def test_text_frame_headers_follow_rfc_6455() -> None:
                          (65_536, b"\x81\x7f" + (65_536).to_bytes(8, "big"))):
         frame = ws_text_frame(b"x" * size)
         assert frame[:len(header)] == header and len(frame) == len(header) + size
+
+
+def started(batch: WriteBatch | None = None) -> tuple[Conn, RecordingTransport]:
+    """A started conn on a recording transport that keeps up."""
+    transport = RecordingTransport()
+    ws: Any = SimpleNamespace(closed=False)
+    out: Any = SimpleNamespace(transport=transport)
+    conn = Conn(ws, out, "user", "session", 10, batch=batch)
+    conn.start()
+    return conn, transport
+
+
+def test_an_open_batch_joins_each_connections_frames_into_one_write() -> None:
+    batch = WriteBatch()
+    (a, a_out), (b, b_out) = started(batch), started(batch)
+    batch.begin()
+    for frame in (b"1", b"2", b"3"):
+        a.push(frame)
+    b.push(b"x")
+    assert a_out.written == [] and b_out.written == []  # nothing until the batch ends
+    batch.end()
+    assert a_out.written == [ws_text_frame(b"1") + ws_text_frame(b"2") + ws_text_frame(b"3")]
+    assert b_out.written == [ws_text_frame(b"x")]
+    a.push(b"4")  # closed: straight out again
+    assert a_out.written[-1] == ws_text_frame(b"4") and batch.corked == []
+
+
+def test_without_a_batch_every_frame_is_its_own_write() -> None:
+    conn, out = started()
+    conn.push(b"1")
+    conn.push(b"2")
+    assert out.written == [ws_text_frame(b"1"), ws_text_frame(b"2")]
+
+
+def test_a_full_cork_goes_out_before_the_batch_ends() -> None:
+    batch = WriteBatch()
+    conn, out = started(batch)
+    big = b"y" * 6000
+    batch.begin()
+    for _ in range(3):  # the third takes the cork past CORK_MAX_BYTES
+        conn.push(big)
+    conn.push(b"z")
+    assert out.written == [ws_text_frame(big) * 3]
+    batch.end()
+    assert out.written == [ws_text_frame(big) * 3, ws_text_frame(b"z")]
+    assert 3 * len(ws_text_frame(big)) >= CORK_MAX_BYTES > 2 * len(ws_text_frame(big))
+
+
+async def test_frames_that_must_wait_follow_the_coalesced_ones() -> None:
+    batch = WriteBatch()
+    conn, out = started(batch)
+    batch.begin()
+    conn.push(b"1")
+    out.buffered = 70_000  # the client stopped reading mid-batch
+    conn.push(b"2")
+    batch.end()
+    # The coalesced frame is written when the batch ends; the queued one waits for
+    # the writer task, which runs only after that.
+    assert out.written == [ws_text_frame(b"1")] and conn.queue == [b"2"]
+    await conn.stop()
+
+
+def test_a_socket_closed_during_the_batch_gets_nothing() -> None:
+    batch = WriteBatch()
+    conn, out = started(batch)
+    batch.begin()
+    conn.push(b"1")
+    out.is_closing = lambda: True  # type: ignore[method-assign]
+    batch.end()
+    assert out.written == []
