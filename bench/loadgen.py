@@ -24,7 +24,7 @@ import traceback
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 
@@ -56,13 +56,16 @@ class WorkerConfig:
     receipts_ms: int
 
 
-def _run(coro: Coroutine[Any, Any, None]) -> None:
+T = TypeVar("T")
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run on uvloop when it is installed, as the servers do."""
     try:
         import uvloop
     except ImportError:  # pragma: no cover
-        asyncio.run(coro)
-    else:
-        uvloop.run(coro)
+        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 def source_address(idx: int) -> str:
@@ -71,7 +74,7 @@ def source_address(idx: int) -> str:
 
 def worker_main(cfg: WorkerConfig, pipe: Connection) -> None:
     raise_nofile_limit()
-    _run(Worker(cfg, pipe).main())
+    run(Worker(cfg, pipe).main())
 
 
 class Worker:

@@ -26,6 +26,7 @@ from pathlib import Path
 import redis.asyncio as aioredis
 
 from bench.cluster import Stack
+from bench.loadgen import run
 from chatd.multiplex import Multiplexed
 
 _SCRIPT = "return redis.call('INCR', KEYS[1])"
@@ -75,11 +76,6 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=5000, help="calls per measurement")
     args = parser.parse_args()
-    try:
-        import uvloop
-        run = uvloop.run
-    except ImportError:  # pragma: no cover - uvloop ships with chatd on Linux
-        run = asyncio.run
     with tempfile.TemporaryDirectory(prefix="chatd-bench-redis-") as tmp, Stack(Path(tmp)) as stack:
         stack.start_valkey()
         rows = run(_measure(stack.redis_url, args.calls))
