@@ -24,6 +24,7 @@ reader, one read at a time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -223,10 +224,8 @@ class Broker:
         returns how many were handed over, per stream."""
         handled: list[tuple[str, int]] = []
         # One entry means at most one frame per connection: nothing to coalesce.
-        coalesce = len(batch) > 1 or any(len(items) > 1 for _, items in batch)
-        if coalesce:
-            self.fanout.batch.begin()
-        try:
+        many = len(batch) > 1 or any(len(items) > 1 for _, items in batch)
+        with self.fanout.batch if many else contextlib.nullcontext():
             for stream, items in batch:
                 done = last[stream]
                 control = stream == self._control
@@ -245,9 +244,6 @@ class Broker:
                     last[stream] = done
                     handled.append((stream, n))
                     self.node.metrics.inbox_entries.inc(n)
-        finally:
-            if coalesce:
-                self.fanout.batch.end()
         return handled
 
     # --- liveness -------------------------------------------------------------

@@ -72,6 +72,13 @@ class WriteBatch:
             conn.uncork()
         self.corked.clear()
 
+    def __enter__(self) -> WriteBatch:
+        self.begin()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.end()
+
 
 class Conn:
     __slots__ = ("_batch", "_cork", "_high_water", "_out", "_room_waiter", "_started",

@@ -174,16 +174,13 @@ class Fanout:
             entries = await self.node.redis.log_range(log_key, f"{cur.next}-0", f"{target}-0",
                                                       count)
             taken = 0
-            self.batch.begin()
-            try:
+            with self.batch:
                 for entry_id, fields in entries:
                     if conn.free() <= 0:  # other rooms' fills took the room meanwhile
                         break
                     conn.accept(cur, int(entry_id.split(b"-", 1)[0]),
                                 message_frame(fields[b"m"]))
                     taken += 1
-            finally:
-                self.batch.end()
             if taken == len(entries) < count:
                 cur.next = max(cur.next, target + 1)  # trimmed by retention: gone for everyone
 
