@@ -243,7 +243,7 @@ class Broker:
                 if n:
                     last[stream] = done
                     handled.append((stream, n))
-                    self.node.metrics.inbox_entries.inc(n)
+                    self.node.metrics.inbox_entries.value += n
         return handled
 
     # --- liveness -------------------------------------------------------------

@@ -22,8 +22,8 @@ import time
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
-from prometheus_client import Counter
 
+from chatd.metrics import Tally
 from chatd.protocol import CLOSE_RESUME_REQUIRED, ws_text_frame
 
 log = logging.getLogger("chatd.conn")
@@ -86,7 +86,7 @@ class Conn:
                  "ping_sent", "queue", "session_id", "user_id", "ws")
 
     def __init__(self, ws: web.WebSocketResponse, out: AbstractStreamWriter, user_id: str,
-                 session_id: str, max_queue: int, frames_out: Counter | None = None,
+                 session_id: str, max_queue: int, frames_out: Tally | None = None,
                  batch: WriteBatch | None = None) -> None:
         """`out` is what `ws.prepare()` returned: the socket's transport and its drain.
         `batch` is the node's: while it is open, writes are coalesced."""
@@ -109,7 +109,7 @@ class Conn:
         self._room_waiter: asyncio.Future[None] | None = None
         self._started = False
         self._task: asyncio.Task[None] | None = None
-        self.frames_out = frames_out
+        self.frames_out = frames_out or Tally()
         # time.monotonic() (heartbeat.py): of the last frame from the client, of our last ping.
         self.last_heard = time.monotonic()
         self.ping_sent = 0.0
@@ -155,8 +155,7 @@ class Conn:
             self._cork += data
             if len(self._cork) >= CORK_MAX_BYTES:
                 self.uncork()
-        if self.frames_out is not None:
-            self.frames_out.inc()
+        self.frames_out.value += 1
         return True
 
     def uncork(self) -> None:

@@ -81,7 +81,7 @@ async def send(node: Node, user_id: str, room_id: str, client_msg_id: str, body:
                             "the same client_msg_id")
     seq, ts, dup = reply
     sent = Sent(int(seq), int(ts), bool(dup))
-    node.metrics.sends.labels(str(sent.duplicate).lower()).inc()
+    (node.metrics.sends_duplicate if sent.duplicate else node.metrics.sends_new).inc()
     return sent
 
 

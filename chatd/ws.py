@@ -269,7 +269,7 @@ async def _read_loop(ws: web.WebSocketResponse, node: Node, fanout: Fanout, conn
                 if msg.type == WSMsgType.PING:
                     conn.control(protocol.pong_frame(msg.data))
                 continue
-            metrics.frames_in.inc()
+            metrics.frames_in.value += 1
             if msg.type == WSMsgType.TEXT:
                 try:
                     frame = protocol.decode(msg.data, max_body)

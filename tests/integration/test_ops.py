@@ -148,8 +148,10 @@ async def test_metrics(node: ChatdNode, session: aiohttp.ClientSession) -> None:
     api = Api(session, node.url)
     alice, _, room = await users_and_room(api)
     ws = await connect(session, node.ws_url, alice)
-    ack = await ws.send_message(room, "counted")
+    ack = await ws.send_message(room, "counted", client_msg_id="once")
     assert ack["type"] == "ack"
+    again = await ws.send_message(room, "counted", client_msg_id="once")
+    assert again["duplicate"] is True
     error = await ws.send_message("no_such_room", "nowhere")
     assert error["type"] == "error" and error["code"] == "not_found"
 
@@ -157,13 +159,17 @@ async def test_metrics(node: ChatdNode, session: aiohttp.ClientSession) -> None:
         assert resp.status == 200
         assert resp.headers["Content-Type"].startswith("text/plain")
         text = await resp.text()
-    for name in ("chatd_connections", "chatd_frames_in", "chatd_sends",
-                 "chatd_redis_call_seconds", "chatd_errors"):
+    for name in ("chatd_connections", "chatd_frames_in", "chatd_frames_out", "chatd_sends",
+                 "chatd_inbox_entries", "chatd_redis_call_seconds", "chatd_errors"):
         assert f"# TYPE {name}" in text, name
     values = samples(text)
     assert values[("chatd_connections", ())] == 1.0  # the open WebSocket
-    assert values[("chatd_frames_in_total", ())] >= 2.0  # two sends (hello is not counted)
+    assert values[("chatd_frames_in_total", ())] == 3.0  # three sends (hello is not counted)
+    # The welcome, two acks, the error, and the message itself once it came back.
+    assert values[("chatd_frames_out_total", ())] >= 4.0
+    assert values[("chatd_inbox_entries_total", ())] >= 1.0
     assert values[("chatd_sends_total", (("duplicate", "false"),))] == 1.0
+    assert values[("chatd_sends_total", (("duplicate", "true"),))] == 1.0
     assert values[("chatd_errors_total", (("code", "not_found"),))] == 1.0
     assert values[("chatd_redis_call_seconds_count", (("script", "send_message"),))] >= 1.0
 
