@@ -12,9 +12,13 @@ import itertools
 import json
 import secrets
 from dataclasses import dataclass, field
-from typing import Any
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
+
+if TYPE_CHECKING:
+    from tests.harness import ChatdNode
 
 PASSWORD = "correct horse battery"
 
@@ -62,6 +66,21 @@ class Api:
             except ValueError:
                 body = text
             return r.status, body
+
+    async def get(self, path: str, user: User | None = None) -> Any:
+        """GET that must answer 200; returns the body."""
+        status, body = await self.call("GET", path, user=user)
+        assert status == 200, (path, status, body)
+        return body
+
+    async def messages(self, user: User, room_id: str) -> list[dict[str, Any]]:
+        """What the room has stored (up to 200 messages), as `user` sees it over HTTP."""
+        body = await self.get(f"/api/v1/rooms/{room_id}/messages?limit=200", user)
+        return list(body["messages"])
+
+    async def users(self, count: int) -> list[User]:
+        """`count` fresh users, registered and logged in."""
+        return [await self.register() for _ in range(count)]
 
     async def register(self, username: str | None = None) -> User:
         name = username or f"u{next(_ids)}_{secrets.token_hex(3)}"
@@ -113,6 +132,28 @@ class Ws:
     async def send(self, frame: dict[str, Any]) -> None:
         await self.ws.send_str(json.dumps(frame))
 
+    async def send_raw(self, data: Any) -> None:
+        """Send a str as a text frame as it is, bytes as a binary frame, anything else as
+        JSON text."""
+        if isinstance(data, bytes):
+            await self.ws.send_bytes(data)
+        elif isinstance(data, str):
+            await self.ws.send_str(data)
+        else:
+            await self.ws.send_str(json.dumps(data))
+
+    async def request(self, frame: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
+        """Send `frame` with a fresh `id`; return the reply (or error) echoing it."""
+        rid = f"q{next(_ids)}"
+        await self.send({**frame, "id": rid})
+        return await self.wait_for(lambda f: f.get("id") == rid, timeout)
+
+    async def ping(self) -> None:
+        """A ping round trip, asserting the pong: the connection is open, and as frames of
+        one connection are handled in order, the ones sent before it are done."""
+        reply = await self.request({"type": "ping"})
+        assert reply == {"type": "pong", "id": reply.get("id")}, reply
+
     def of_type(self, kind: str) -> list[dict[str, Any]]:
         return [f for f in self.frames if f.get("type") == kind]
 
@@ -156,10 +197,9 @@ class Ws:
     async def send_message(self, room_id: str, body: str, client_msg_id: str | None = None,
                            timeout: float = 10.0) -> dict[str, Any]:
         """Send and wait for the ack (or error) echoing our request id."""
-        rid = f"q{next(_ids)}"
-        await self.send({"type": "send", "id": rid, "room_id": room_id,
-                         "client_msg_id": client_msg_id or secrets.token_hex(8), "body": body})
-        return await self.wait_for(lambda f: f.get("id") == rid, timeout)
+        return await self.request({"type": "send", "room_id": room_id,
+                                   "client_msg_id": client_msg_id or secrets.token_hex(8),
+                                   "body": body}, timeout)
 
     async def close(self) -> None:
         await self.ws.close()
@@ -168,17 +208,52 @@ class Ws:
 
 
 async def connect(session: aiohttp.ClientSession, ws_url: str, user: User | None, *,
-                  resume: dict[str, int] | None = None, hello: bool = True) -> Ws:
-    """Open /ws and (by default) say hello, waiting for `welcome`."""
-    ws = Ws(await session.ws_connect(ws_url, autoping=True))
+                  resume: dict[str, int] | None = None, hello: bool = True,
+                  welcome: bool = True, **ws_options: Any) -> Ws:
+    """Open /ws (`ws_options` go to `ws_connect`, e.g. `headers`, `autoping`) and, by
+    default, say hello and wait for `welcome` (`welcome=False`: do not wait for the answer)."""
+    ws = Ws(await session.ws_connect(ws_url, **{"autoping": True, **ws_options}))
     ws.start()
     if hello and user is not None:
         frame: dict[str, Any] = {"type": "hello", "token": user.token}
         if resume is not None:
             frame["resume"] = resume
         await ws.send(frame)
-        await ws.wait_type("welcome")
+        if welcome:
+            await ws.wait_type("welcome")
     return ws
+
+
+class Chat:
+    """A client of one node: an HTTP session, its `Api`, and the WebSockets opened through
+    `connect` / `raw`. `async with Chat(node) as chat:` closes them all, then the session."""
+
+    def __init__(self, node: ChatdNode) -> None:
+        self.node = node
+        self.http = aiohttp.ClientSession()
+        self.api = Api(self.http, node.url)
+        self._conns: list[Ws] = []
+
+    async def __aenter__(self) -> Chat:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        try:
+            for ws in self._conns:
+                await ws.close()
+        finally:
+            await self.http.close()
+
+    async def connect(self, user: User | None, **options: Any) -> Ws:
+        """`connect` to this node; closed on the way out."""
+        ws = await connect(self.http, self.node.ws_url, user, **options)
+        self._conns.append(ws)
+        return ws
+
+    async def raw(self, **ws_options: Any) -> Ws:
+        """A connection that has not said hello yet."""
+        return await self.connect(None, **ws_options)
 
 
 async def metric(http: aiohttp.ClientSession, base_url: str, name: str,

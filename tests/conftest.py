@@ -11,6 +11,8 @@ Fixtures:
   :class:`RedisBackend`; ``await chatd_nodes.start(n, **redis_backend.chatd_args)``
   runs the same test on one Valkey and on a 3-master Valkey Cluster
 * ``chatd_nodes`` (function): :class:`ChatdNodes` factory, ``await chatd_nodes.start(n, ...)``
+* ``one_node`` (function): :class:`OneNode` on ``valkey``; ``async with one_node.chat(env) as
+  chat:`` starts a chatd node and gives a :class:`tests.client.Chat` on it
 * ``fake_redis_server`` / ``fake_redis`` (function): fresh ``fakeredis`` server + async client
 
 Everything a fixture starts is killed at teardown, also when the test fails.
@@ -18,7 +20,8 @@ Everything a fixture starts is killed at teardown, also when the test fails.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Generator
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Generator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,11 +29,14 @@ from typing import Any, Protocol
 import fakeredis
 import pytest
 
+from tests.client import FAST_ENV, Chat
 from tests.harness import (
+    ChatdNode,
     ChatdNodes,
     ValkeyBinaries,
     ValkeyCluster,
     ValkeyProcess,
+    assert_clean_logs,
     find_valkey_binaries,
     kill_all_spawned,
 )
@@ -221,6 +227,38 @@ async def chatd_nodes(
             _log_problem_reports.append(text)
             if isinstance(item, pytest.Item):
                 item.add_report_section("teardown", "chatd log problems", text)
+
+
+@dataclass
+class OneNode:
+    """Starts the test's single chatd node (on the test's Redis, with ``FAST_ENV``)."""
+
+    chatd_nodes: ChatdNodes
+    redis_args: dict[str, Any]
+
+    async def start(self, env: Mapping[str, str] | None = None) -> ChatdNode:
+        """The node, its environment ``FAST_ENV`` updated with ``env``."""
+        (node,) = await self.chatd_nodes.start(1, **self.redis_args,
+                                               env={**FAST_ENV, **(env or {})})
+        return node
+
+    @contextlib.asynccontextmanager
+    async def chat(self, env: Mapping[str, str] | None = None, *,
+                   clean_logs: bool = True) -> AsyncIterator[Chat]:
+        """Start the node and yield a :class:`Chat` on it (``chat.node``). On the way out
+        the connections are closed and, unless ``clean_logs=False`` or the body raised,
+        ``assert_clean_logs(node)``."""
+        node = await self.start(env)
+        async with Chat(node) as chat:
+            yield chat
+        if clean_logs:
+            assert_clean_logs(node)
+
+
+@pytest.fixture
+def one_node(valkey: ValkeyProcess, chatd_nodes: ChatdNodes) -> OneNode:
+    """A :class:`OneNode` on the test's private ``valkey``."""
+    return OneNode(chatd_nodes, {"redis_url": valkey})
 
 
 # ---------------------------------------------------------------------- fakeredis

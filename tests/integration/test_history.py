@@ -6,22 +6,14 @@ One real chatd node on a real Valkey."""
 from __future__ import annotations
 
 import secrets
-from collections.abc import Mapping
 from typing import Any
 
-import aiohttp
-
-from tests.client import FAST_ENV, Api, User, Ws, connect
-from tests.harness import ChatdNode, ChatdNodes, ValkeyProcess, assert_clean_logs
+from tests.client import Api, User, Ws
+from tests.conftest import OneNode
+from tests.harness import ChatdNodes
 
 COUNT = 7
 MESSAGE_FIELDS = {"room_id", "seq", "sender_id", "client_msg_id", "body", "ts"}
-
-
-async def start_node(chatd_nodes: ChatdNodes, valkey: ValkeyProcess,
-                     env: Mapping[str, str] | None = None) -> ChatdNode:
-    (node,) = await chatd_nodes.start(1, redis_url=valkey, env={**FAST_ENV, **(env or {})})
-    return node
 
 
 async def fill(api: Api, sender: User, room: str, count: int) -> None:
@@ -32,8 +24,7 @@ async def fill(api: Api, sender: User, room: str, count: int) -> None:
 
 
 async def page(api: Api, user: User, room: str, query: str) -> tuple[list[int], bool]:
-    status, body = await api.call("GET", f"/api/v1/rooms/{room}/messages{query}", user=user)
-    assert status == 200, (query, status, body)
+    body = await api.get(f"/api/v1/rooms/{room}/messages{query}", user)
     assert set(body) == {"messages", "has_more"}, body
     for m in body["messages"]:
         assert set(m) >= MESSAGE_FIELDS and m["room_id"] == room, m
@@ -42,9 +33,7 @@ async def page(api: Api, user: User, room: str, query: str) -> tuple[list[int], 
 
 
 async def ws_page(ws: Ws, frame: dict[str, Any]) -> dict[str, Any]:
-    rid = f"h-{secrets.token_hex(4)}"
-    await ws.send({"type": "history", **frame, "id": rid})
-    return await ws.wait_for(lambda f: f.get("id") == rid)
+    return await ws.request({"type": "history", **frame})
 
 
 # (query, expected seqs, expected has_more) over a room of COUNT = 7 messages.
@@ -80,12 +69,10 @@ HTTP_PAGES = [
 ]
 
 
-async def test_http_paging_after_before_and_latest(
-        valkey: ValkeyProcess, chatd_nodes: ChatdNodes) -> None:
-    node = await start_node(chatd_nodes, valkey)
-    async with aiohttp.ClientSession() as http:
-        api = Api(http, node.url)
-        alice, bob = await api.register(), await api.register()
+async def test_http_paging_after_before_and_latest(one_node: OneNode) -> None:
+    async with one_node.chat() as chat:
+        api = chat.api
+        alice, bob = await api.users(2)
         room = await api.direct(alice, bob)
         assert await page(api, bob, room, "") == ([], False)  # empty room
         assert await page(api, bob, room, "?before_seq=5") == ([], False)
@@ -111,15 +98,12 @@ async def test_http_paging_after_before_and_latest(
             seen = seqs + seen
             before = seqs[0]
         assert seen == list(range(1, COUNT + 1))
-    assert_clean_logs(node)
 
 
-async def test_http_paging_rejects_bad_parameters_and_non_members(
-        valkey: ValkeyProcess, chatd_nodes: ChatdNodes) -> None:
-    node = await start_node(chatd_nodes, valkey)
-    async with aiohttp.ClientSession() as http:
-        api = Api(http, node.url)
-        alice, bob, carol = [await api.register() for _ in range(3)]
+async def test_http_paging_rejects_bad_parameters_and_non_members(one_node: OneNode) -> None:
+    async with one_node.chat() as chat:
+        api = chat.api
+        alice, bob, carol = await api.users(3)
         room = await api.direct(alice, bob)
         await fill(api, alice, room, 3)
         base = f"/api/v1/rooms/{room}/messages"
@@ -129,8 +113,7 @@ async def test_http_paging_rejects_bad_parameters_and_non_members(
             status, body = await api.call("GET", base + query, user=bob)
             assert status == 400 and body["error"]["code"] == "bad_request", (query, body)
         for limit in (1, 200):
-            status, body = await api.call("GET", f"{base}?limit={limit}", user=bob)
-            assert status == 200, (limit, body)
+            await api.get(f"{base}?limit={limit}", bob)
         # Not a member, unknown room, no token.
         for user, room_id in ((carol, room), (bob, secrets.token_urlsafe(20)),
                               (bob, "no-such-room")):
@@ -139,18 +122,15 @@ async def test_http_paging_rejects_bad_parameters_and_non_members(
             assert status == 404 and body["error"]["code"] == "not_found", (room_id, body)
         status, body = await api.call("GET", base)
         assert status == 401 and body["error"]["code"] == "unauthorized"
-    assert_clean_logs(node)
 
 
-async def test_history_frame_pages_and_echoes_id(
-        valkey: ValkeyProcess, chatd_nodes: ChatdNodes) -> None:
-    node = await start_node(chatd_nodes, valkey)
-    async with aiohttp.ClientSession() as http:
-        api = Api(http, node.url)
-        alice, bob, carol = [await api.register() for _ in range(3)]
+async def test_history_frame_pages_and_echoes_id(one_node: OneNode) -> None:
+    async with one_node.chat() as chat:
+        api = chat.api
+        alice, bob, carol = await api.users(3)
         room = await api.direct(alice, bob)
-        ws = await connect(http, node.ws_url, bob)
-        outsider = await connect(http, node.ws_url, carol)
+        ws = await chat.connect(bob)
+        outsider = await chat.connect(carol)
         reply = await ws_page(ws, {"room_id": room})
         assert (reply["messages"], reply["has_more"]) == ([], False)
         await fill(api, alice, room, COUNT)
@@ -178,9 +158,8 @@ async def test_history_frame_pages_and_echoes_id(
         assert not failures, "\n".join(failures)
         # The same page as over HTTP.
         reply = await ws_page(ws, {"room_id": room, "after_seq": 2, "limit": 2})
-        status, body = await api.call("GET", f"/api/v1/rooms/{room}/messages?after_seq=2&limit=2",
-                                      user=bob)
-        assert status == 200 and reply["messages"] == body["messages"]
+        body = await api.get(f"/api/v1/rooms/{room}/messages?after_seq=2&limit=2", bob)
+        assert reply["messages"] == body["messages"]
 
         for extra in ({"limit": 0}, {"limit": 201}, {"after_seq": -1}):
             reply = await ws_page(ws, {"room_id": room, **extra})
@@ -192,16 +171,12 @@ async def test_history_frame_pages_and_echoes_id(
         # The live messages came once each; history replies added no `message` frames.
         await ws.wait_messages(room, COUNT)
         assert [m["seq"] for m in ws.messages(room)] == list(range(1, COUNT + 1))
-        for w in (ws, outsider):
-            await w.close()
-    assert_clean_logs(node)
 
 
-async def test_get_one_message(valkey: ValkeyProcess, chatd_nodes: ChatdNodes) -> None:
-    node = await start_node(chatd_nodes, valkey)
-    async with aiohttp.ClientSession() as http:
-        api = Api(http, node.url)
-        alice, bob, carol = [await api.register() for _ in range(3)]
+async def test_get_one_message(one_node: OneNode) -> None:
+    async with one_node.chat() as chat:
+        api = chat.api
+        alice, bob, carol = await api.users(3)
         room = await api.direct(alice, bob)
         await fill(api, alice, room, 2)
         status, body = await api.call("GET", f"/api/v1/rooms/{room}/messages/2", user=bob)
@@ -218,16 +193,14 @@ async def test_get_one_message(valkey: ValkeyProcess, chatd_nodes: ChatdNodes) -
         assert status == 400 and body["error"]["code"] == "bad_request", body
         status, body = await api.call("GET", f"/api/v1/rooms/{room}/messages/1", user=carol)
         assert status == 404 and body["error"]["code"] == "not_found", body
-    assert_clean_logs(node)
 
 
 async def test_get_one_message_with_out_of_range_seq_is_a_client_error(
-        valkey: ValkeyProcess, chatd_nodes: ChatdNodes) -> None:
+        one_node: OneNode, chatd_nodes: ChatdNodes) -> None:
     chatd_nodes.report_log_problems = False  # the traceback is asserted on below
-    node = await start_node(chatd_nodes, valkey)
-    async with aiohttp.ClientSession() as http:
-        api = Api(http, node.url)
-        alice, bob = await api.register(), await api.register()
+    async with one_node.chat(clean_logs=False) as chat:
+        api = chat.api
+        alice, bob = await api.users(2)
         room = await api.direct(alice, bob)
         await fill(api, alice, room, 1)
         for seq in ("-1", "-5", str(2**64), "99999999999999999999999"):
@@ -235,4 +208,4 @@ async def test_get_one_message_with_out_of_range_seq_is_a_client_error(
                                           user=bob)
             assert status in (400, 404), (seq, status, body)
             assert body["error"]["code"] in ("bad_request", "not_found"), (seq, body)
-    assert "Traceback" not in node.log_text()
+    assert "Traceback" not in chat.node.log_text()

@@ -5,45 +5,27 @@ watermarks, `receipt` frames, message status and receipts over HTTP, the waterma
 from __future__ import annotations
 
 import asyncio
-import secrets
-from collections.abc import Mapping
 from typing import Any
 
-import aiohttp
+import pytest
 
-from tests.client import FAST_ENV, Api, User, Ws, connect
-from tests.conftest import RedisBackend
-from tests.harness import ChatdNode, ChatdNodes, assert_clean_logs
-
-
-async def start_node(chatd_nodes: ChatdNodes, redis_backend: RedisBackend,
-                     env: Mapping[str, str] | None = None) -> ChatdNode:
-    (node,) = await chatd_nodes.start(1, **redis_backend.chatd_args,
-                                      env={**FAST_ENV, **(env or {})})
-    return node
+from tests.client import Api, User, Ws
+from tests.conftest import OneNode, RedisBackend
+from tests.harness import ChatdNodes
 
 
-async def request(ws: Ws, frame: dict[str, Any]) -> dict[str, Any]:
-    rid = f"r-{secrets.token_hex(4)}"
-    await ws.send({**frame, "id": rid})
-    return await ws.wait_for(lambda f: f.get("id") == rid)
-
-
-async def settle(ws: Ws) -> None:
-    """Frames of one connection are processed in order: a pong means the ones before
-    it are done."""
-    assert (await request(ws, {"type": "ping"}))["type"] == "pong"
+@pytest.fixture
+def one_node(redis_backend: RedisBackend, chatd_nodes: ChatdNodes) -> OneNode:
+    """Here the node runs on each Redis backend: one Valkey and a Valkey Cluster."""
+    return OneNode(chatd_nodes, redis_backend.chatd_args)
 
 
 async def status_of(api: Api, user: User, room: str, seq: int) -> dict[str, Any]:
-    status, body = await api.call("GET", f"/api/v1/rooms/{room}/messages/{seq}", user=user)
-    assert status == 200, (status, body)
-    return dict(body)
+    return dict(await api.get(f"/api/v1/rooms/{room}/messages/{seq}", user))
 
 
 async def receipts_of(api: Api, user: User, room: str) -> dict[str, tuple[int, int]]:
-    status, body = await api.call("GET", f"/api/v1/rooms/{room}/receipts", user=user)
-    assert status == 200, (status, body)
+    body = await api.get(f"/api/v1/rooms/{room}/receipts", user)
     out = {r["user_id"]: (r["delivered_seq"], r["read_seq"]) for r in body["receipts"]}
     assert len(out) == len(body["receipts"])
     return out
@@ -51,8 +33,7 @@ async def receipts_of(api: Api, user: User, room: str) -> dict[str, tuple[int, i
 
 async def unread_of(api: Api, user: User) -> dict[str, tuple[int, int, int | None]]:
     """room_id -> (last_seq, unread, seq of last_message)."""
-    status, body = await api.call("GET", "/api/v1/rooms", user=user)
-    assert status == 200, (status, body)
+    body = await api.get("/api/v1/rooms", user)
     return {r["room_id"]: (r["last_seq"], r["unread"],
                            r["last_message"]["seq"] if r["last_message"] else None)
             for r in body["rooms"]}
@@ -63,16 +44,14 @@ def receipts_from(ws: Ws, user: User) -> list[tuple[int, int]]:
             if f["user_id"] == user.user_id]
 
 
-async def test_direct_room_sent_delivered_read(
-        redis_backend: RedisBackend, chatd_nodes: ChatdNodes) -> None:
-    node = await start_node(chatd_nodes, redis_backend)
-    async with aiohttp.ClientSession() as http:
-        api = Api(http, node.url)
-        alice, bob = await api.register(), await api.register()
+async def test_direct_room_sent_delivered_read(one_node: OneNode) -> None:
+    async with one_node.chat() as chat:
+        api = chat.api
+        alice, bob = await api.users(2)
         room = await api.direct(alice, bob)
-        alice_ws = await connect(http, node.ws_url, alice)
-        bob_ws = await connect(http, node.ws_url, bob)
-        bob_other = await connect(http, node.ws_url, bob)
+        alice_ws = await chat.connect(alice)
+        bob_ws = await chat.connect(bob)
+        bob_other = await chat.connect(bob)
 
         # Sent: acked, stored, status "sent".
         for i in range(3):
@@ -111,23 +90,18 @@ async def test_direct_room_sent_delivered_read(
         assert await receipts_of(api, alice, room) == {alice.user_id: (0, 0),
                                                        bob.user_id: (3, 3)}
         # Success gets no reply on the WebSocket.
-        await settle(bob_ws)
+        await bob_ws.ping()
         assert not bob_ws.of_type("error") and not bob_ws.of_type("ack")
         assert receipts_from(alice_ws, bob) == [(2, 0), (2, 1), (3, 3)]
-        for w in (alice_ws, bob_ws, bob_other):
-            await w.close()
-    assert_clean_logs(node)
 
 
-async def test_group_status_needs_every_other_member(
-        redis_backend: RedisBackend, chatd_nodes: ChatdNodes) -> None:
-    node = await start_node(chatd_nodes, redis_backend)
-    async with aiohttp.ClientSession() as http:
-        api = Api(http, node.url)
-        users = [await api.register() for _ in range(5)]
+async def test_group_status_needs_every_other_member(one_node: OneNode) -> None:
+    async with one_node.chat() as chat:
+        api = chat.api
+        users = await api.users(5)
         alice, others = users[0], users[1:]
         room = await api.group(alice, others)
-        conns = {u.user_id: await connect(http, node.ws_url, u) for u in users}
+        conns = {u.user_id: await chat.connect(u) for u in users}
         alice_ws = conns[alice.user_id]
 
         ack = await alice_ws.send_message(room, "to all")
@@ -143,19 +117,16 @@ async def test_group_status_needs_every_other_member(
             await alice_ws.wait_type("receipt", user_id=user.user_id,
                                      read_seq=1 if kind == "read" else 0)
 
-        for i, user in enumerate(others):
-            await mark(user, "delivered")
-            msg = await status_of(api, alice, room, 1)
-            expected = "delivered" if i == len(others) - 1 else "sent"
-            assert msg["status"] == expected, (i, msg)
-            assert sum(r["delivered"] for r in msg["receipts"]) == i + 1
-            assert not any(r["read"] for r in msg["receipts"])
-        for i, user in enumerate(others):
-            await mark(user, "read")
-            msg = await status_of(api, alice, room, 1)
-            expected = "read" if i == len(others) - 1 else "delivered"
-            assert msg["status"] == expected, (i, msg)
-            assert sum(r["read"] for r in msg["receipts"]) == i + 1
+        # Each mark moves the status only once the last of the others has made it.
+        for kind, before_last in (("delivered", "sent"), ("read", "delivered")):
+            for i, user in enumerate(others):
+                await mark(user, kind)
+                msg = await status_of(api, alice, room, 1)
+                expected = kind if i == len(others) - 1 else before_last
+                assert msg["status"] == expected, (kind, i, msg)
+                assert sum(r[kind] for r in msg["receipts"]) == i + 1
+                if kind == "delivered":
+                    assert not any(r["read"] for r in msg["receipts"])
 
         # Every member heard every receipt, the movers' own connections included.
         for user in users:
@@ -175,21 +146,16 @@ async def test_group_status_needs_every_other_member(
         assert msg["status"] == "sent" and msg["sender_id"] == others[0].user_id
         assert sorted(r["user_id"] for r in msg["receipts"]) == sorted(
             u.user_id for u in users if u is not others[0])
-        for ws in conns.values():
-            await ws.close()
-    assert_clean_logs(node)
 
 
-async def test_watermarks_never_go_backwards_and_bad_seqs_are_refused(
-        redis_backend: RedisBackend, chatd_nodes: ChatdNodes) -> None:
-    node = await start_node(chatd_nodes, redis_backend)
-    async with aiohttp.ClientSession() as http:
-        api = Api(http, node.url)
-        alice, bob, carol = [await api.register() for _ in range(3)]
+async def test_watermarks_never_go_backwards_and_bad_seqs_are_refused(one_node: OneNode) -> None:
+    async with one_node.chat() as chat:
+        api = chat.api
+        alice, bob, carol = await api.users(3)
         room = await api.direct(alice, bob)
-        alice_ws = await connect(http, node.ws_url, alice)
-        bob_ws = await connect(http, node.ws_url, bob)
-        carol_ws = await connect(http, node.ws_url, carol)
+        alice_ws = await chat.connect(alice)
+        bob_ws = await chat.connect(bob)
+        carol_ws = await chat.connect(carol)
         for i in range(5):
             await alice_ws.send_message(room, f"m{i}")
 
@@ -200,7 +166,7 @@ async def test_watermarks_never_go_backwards_and_bad_seqs_are_refused(
                           ("read", 0), ("delivered", 0)]:
             await bob_ws.send({"type": kind, "id": f"noop-{kind}-{seq}", "room_id": room,
                                "seq": seq})
-        await settle(bob_ws)
+        await bob_ws.ping()
         assert not [f for f in bob_ws.frames if str(f.get("id")).startswith("noop")]
         assert await receipts_of(api, alice, room) == {alice.user_id: (0, 0),
                                                        bob.user_id: (3, 3)}
@@ -215,47 +181,42 @@ async def test_watermarks_never_go_backwards_and_bad_seqs_are_refused(
 
         # Above the room's last seq: bad_request echoing id, nothing moves.
         for kind in ("delivered", "read"):
-            reply = await request(bob_ws, {"type": kind, "room_id": room, "seq": 6})
+            reply = await bob_ws.request({"type": kind, "room_id": room, "seq": 6})
             assert reply["type"] == "error" and reply["code"] == "bad_request", reply
         # A non-member: not_found, nothing recorded for it.
         for kind in ("delivered", "read"):
-            reply = await request(carol_ws, {"type": kind, "room_id": room, "seq": 1})
+            reply = await carol_ws.request({"type": kind, "room_id": room, "seq": 1})
             assert reply["type"] == "error" and reply["code"] == "not_found", reply
         status, _ = await api.call("GET", f"/api/v1/rooms/{room}/receipts", user=carol)
         assert status == 404
         status, _ = await api.call("GET", f"/api/v1/rooms/{room}/messages/1", user=carol)
         assert status == 404
-        await settle(bob_ws)
+        await bob_ws.ping()
         assert await receipts_of(api, alice, room) == {alice.user_id: (0, 0),
                                                        bob.user_id: (5, 4)}
         assert receipts_from(alice_ws, bob) == [(3, 3), (5, 3), (5, 4)]
         assert not carol_ws.of_type("receipt")
-        for w in (alice_ws, bob_ws, carol_ws):
-            await w.close()
-    assert_clean_logs(node)
 
 
-async def test_welcome_on_reconnect_carries_the_watermarks(
-        redis_backend: RedisBackend, chatd_nodes: ChatdNodes) -> None:
-    node = await start_node(chatd_nodes, redis_backend)
-    async with aiohttp.ClientSession() as http:
-        api = Api(http, node.url)
-        alice, bob = await api.register(), await api.register()
+async def test_welcome_on_reconnect_carries_the_watermarks(one_node: OneNode) -> None:
+    async with one_node.chat() as chat:
+        api = chat.api
+        alice, bob = await api.users(2)
         room = await api.direct(alice, bob)
         group = await api.group(bob, [alice])
-        alice_ws = await connect(http, node.ws_url, alice)
+        alice_ws = await chat.connect(alice)
         for i in range(4):
             await alice_ws.send_message(room, f"m{i}")
         await alice_ws.send_message(group, "g")
-        bob_ws = await connect(http, node.ws_url, bob)
+        bob_ws = await chat.connect(bob)
         await bob_ws.send({"type": "delivered", "room_id": room, "seq": 4})
         await bob_ws.send({"type": "read", "room_id": room, "seq": 2})
-        await settle(bob_ws)
+        await bob_ws.ping()
         await bob_ws.close()
 
         # Another device of the same user sees the same per-user watermarks.
         device = await api.login(bob.username)
-        again = await connect(http, node.ws_url, device)
+        again = await chat.connect(device)
         rooms = {r["room_id"]: r for r in again.of_type("welcome")[0]["rooms"]}
         assert rooms[room] == {"room_id": room, "last_seq": 4, "read_seq": 2,
                                "delivered_seq": 4}
@@ -263,25 +224,20 @@ async def test_welcome_on_reconnect_carries_the_watermarks(
                                 "delivered_seq": 0}
         # ... and moves them for the user as a whole.
         await again.send({"type": "read", "room_id": group, "seq": 1})
-        await settle(again)
-        third = await connect(http, node.ws_url, bob)
+        await again.ping()
+        third = await chat.connect(bob)
         rooms = {r["room_id"]: r for r in third.of_type("welcome")[0]["rooms"]}
         assert (rooms[group]["read_seq"], rooms[group]["delivered_seq"]) == (1, 1)
-        for w in (alice_ws, again, third):
-            await w.close()
-    assert_clean_logs(node)
 
 
-async def test_unread_counts_follow_read_seq(
-        redis_backend: RedisBackend, chatd_nodes: ChatdNodes) -> None:
-    node = await start_node(chatd_nodes, redis_backend)
-    async with aiohttp.ClientSession() as http:
-        api = Api(http, node.url)
-        alice, bob = await api.register(), await api.register()
+async def test_unread_counts_follow_read_seq(one_node: OneNode) -> None:
+    async with one_node.chat() as chat:
+        api = chat.api
+        alice, bob = await api.users(2)
         room = await api.direct(alice, bob)
         empty = await api.group(bob, [alice], name="quiet")
-        alice_ws = await connect(http, node.ws_url, alice)
-        bob_ws = await connect(http, node.ws_url, bob)
+        alice_ws = await chat.connect(alice)
+        bob_ws = await chat.connect(bob)
 
         assert (await unread_of(api, bob))[room] == (0, 0, None)
         for i in range(3):
@@ -303,8 +259,5 @@ async def test_unread_counts_follow_read_seq(
         ]
         for ws, user, kind, seq, unread in steps:
             await ws.send({"type": kind, "room_id": room, "seq": seq})
-            await settle(ws)
+            await ws.ping()
             assert (await unread_of(api, user))[room] == (5, unread, 5), (kind, seq)
-        for w in (alice_ws, bob_ws):
-            await w.close()
-    assert_clean_logs(node)

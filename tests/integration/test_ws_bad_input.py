@@ -8,50 +8,31 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
 
-from tests.client import FAST_ENV, Api, User, Ws, connect
-from tests.harness import ChatdNode, ChatdNodes, ValkeyProcess, assert_clean_logs
+from tests.client import Ws
+from tests.conftest import OneNode
+from tests.harness import ChatdNodes
 
 CLOSE_POLICY = 4008
 MAX_BODY = 4000  # config.toml default of limits.max_body_chars
 
 
-async def start_node(chatd_nodes: ChatdNodes, valkey: ValkeyProcess,
-                     env: Mapping[str, str] | None = None) -> ChatdNode:
-    (node,) = await chatd_nodes.start(1, redis_url=valkey, env={**FAST_ENV, **(env or {})})
-    return node
-
-
-async def reply_to(ws: Ws, raw: str | bytes | dict[str, Any], rid: str | None,
-                   errors_before: int) -> dict[str, Any]:
+async def reply_to(ws: Ws, raw: Any, rid: str | None, errors_before: int) -> dict[str, Any]:
     """Send one frame; return the reply echoing `rid`, or the next error frame when the
     frame carries no readable id."""
-    if isinstance(raw, bytes):
-        await ws.ws.send_bytes(raw)
-    elif isinstance(raw, str):
-        await ws.ws.send_str(raw)
-    else:
-        await ws.send(raw)
+    await ws.send_raw(raw)
     if rid is not None:
         return await ws.wait_for(lambda f: f.get("id") == rid)
     await ws.wait_for(lambda f: len(ws.of_type("error")) > errors_before)
     return ws.of_type("error")[errors_before]
 
 
-async def assert_alive(ws: Ws) -> None:
-    rid = f"alive-{secrets.token_hex(3)}"
-    await ws.send({"type": "ping", "id": rid})
-    assert await ws.wait_for(lambda f: f.get("id") == rid) == {"type": "pong", "id": rid}
-
-
-async def messages_of(api: Api, user: User, room: str) -> list[dict[str, Any]]:
-    status, body = await api.call("GET", f"/api/v1/rooms/{room}/messages?limit=200", user=user)
-    assert status == 200, (status, body)
-    return list(body["messages"])
+def batches(items: list[Any], size: int = 5) -> list[list[Any]]:
+    """`items` in runs of `size`: one connection each, well below the invalid-frame limit."""
+    return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 def frame_cases(own: str, foreign: str) -> list[tuple[str, Any, str]]:
@@ -141,15 +122,13 @@ RAW_CASES: list[tuple[str, str | bytes]] = [
 
 
 async def test_every_invalid_frame_gets_an_error_and_the_connection_stays(
-        valkey: ValkeyProcess, chatd_nodes: ChatdNodes) -> None:
-    node = await start_node(chatd_nodes, valkey)
-    async with aiohttp.ClientSession() as http:
-        api = Api(http, node.url)
-        alice, bob, carol = [await api.register() for _ in range(3)]
-        own = await api.group(alice, [], name="alice alone")
-        foreign = await api.direct(bob, carol)
-        bob_ws = await connect(http, node.ws_url, bob)
-        carol_ws = await connect(http, node.ws_url, carol)
+        one_node: OneNode) -> None:
+    async with one_node.chat() as chat:
+        alice, bob, carol = await chat.api.users(3)
+        own = await chat.api.group(alice, [], name="alice alone")
+        foreign = await chat.api.direct(bob, carol)
+        bob_ws = await chat.connect(bob)
+        carol_ws = await chat.connect(carol)
         chat_seq = 0
 
         async def bystanders_chat() -> None:
@@ -162,101 +141,83 @@ async def test_every_invalid_frame_gets_an_error_and_the_connection_stays(
         cases = frame_cases(own, foreign)
         assert len(cases) > 80
         failures = []
-        ws: Ws | None = None
-        for n, (label, frame, code) in enumerate(cases):
-            if n % 5 == 0:  # well below the invalid-frame limit per connection
-                if ws is not None:
-                    await ws.close()
-                ws = await connect(http, node.ws_url, alice)
-                await bystanders_chat()
-            assert ws is not None
-            rid = f"case-{n}"
-            reply = await reply_to(ws, {**frame, "id": rid}, rid, len(ws.of_type("error")))
-            expected_type = "pong" if code == "ok" else "error"
-            if reply["type"] != expected_type or (code != "ok" and reply["code"] != code):
-                failures.append((label, reply))
-            elif code != "ok":
-                assert set(reply) <= {"type", "id", "code", "message", "retry_after_ms"}, reply
-                assert isinstance(reply["message"], str) and reply["message"], reply
-            if ws.closed_code is not None:
-                failures.append((label, f"closed with {ws.closed_code}"))
-                ws = None
-                continue
-            await assert_alive(ws)
+        for batch in batches(list(enumerate(cases))):
+            ws = await chat.connect(alice)
+            await bystanders_chat()
+            for n, (label, frame, code) in batch:
+                rid = f"case-{n}"
+                reply = await reply_to(ws, {**frame, "id": rid}, rid, len(ws.of_type("error")))
+                expected_type = "pong" if code == "ok" else "error"
+                if reply["type"] != expected_type or (code != "ok" and reply["code"] != code):
+                    failures.append((label, reply))
+                elif code != "ok":
+                    fields = {"type", "id", "code", "message", "retry_after_ms"}
+                    assert set(reply) <= fields, reply
+                    assert isinstance(reply["message"], str) and reply["message"], reply
+                if ws.closed_code is not None:
+                    failures.append((label, f"closed with {ws.closed_code}"))
+                    break
+                await ws.ping()
+            await ws.close()
 
-        for n, (label, raw) in enumerate(RAW_CASES):
-            if n % 5 == 0:
-                if ws is not None:
-                    await ws.close()
-                ws = await connect(http, node.ws_url, alice)
-            assert ws is not None
-            reply = await reply_to(ws, raw, None, len(ws.of_type("error")))
-            if reply.get("code") != "bad_request" or "id" in reply:
-                failures.append((label, reply))
-            await assert_alive(ws)
-        assert ws is not None
-        await ws.close()
+        for batch in batches(RAW_CASES):
+            ws = await chat.connect(alice)
+            for label, raw in batch:
+                reply = await reply_to(ws, raw, None, len(ws.of_type("error")))
+                if reply.get("code") != "bad_request" or "id" in reply:
+                    failures.append((label, reply))
+                await ws.ping()
+            await ws.close()
         assert not failures, "\n".join(f"{label}: {reply}" for label, reply in failures)
 
         # Nothing reached the foreign room: no message, typing or receipt from alice,
         # nothing stored, no watermark for her.
         await bystanders_chat()
         for member, member_ws in ((bob, bob_ws), (carol, carol_ws)):
-            stored = await messages_of(api, member, foreign)
+            stored = await chat.api.messages(member, foreign)
             assert {m["sender_id"] for m in stored} == {bob.user_id}, stored
             assert len(stored) == chat_seq
             assert not [f for f in member_ws.frames if f.get("user_id") == alice.user_id
                         or f.get("sender_id") == alice.user_id], member_ws.frames
             assert not member_ws.of_type("error")
-        status, body = await api.call("GET", f"/api/v1/rooms/{foreign}/receipts", user=bob)
-        assert status == 200
+        body = await chat.api.get(f"/api/v1/rooms/{foreign}/receipts", bob)
         assert sorted(r["user_id"] for r in body["receipts"]) == sorted(
             [bob.user_id, carol.user_id])
         # And nothing in alice's own room either.
-        assert await messages_of(api, alice, own) == []
-        for w in (bob_ws, carol_ws):
-            await w.close()
-    assert "Traceback" not in node.log_text()
-    assert_clean_logs(node)
+        assert await chat.api.messages(alice, own) == []
+    assert "Traceback" not in chat.node.log_text()
 
 
-async def test_body_length_counts_code_points(
-        valkey: ValkeyProcess, chatd_nodes: ChatdNodes) -> None:
-    node = await start_node(chatd_nodes, valkey)
-    async with aiohttp.ClientSession() as http:
-        api = Api(http, node.url)
-        alice = await api.register()
-        room = await api.group(alice, [])
-        ws = await connect(http, node.ws_url, alice)
+async def test_body_length_counts_code_points(one_node: OneNode) -> None:
+    async with one_node.chat() as chat:
+        alice = await chat.api.register()
+        room = await chat.api.group(alice, [])
+        ws = await chat.connect(alice)
         body = "\U0001f600" * MAX_BODY  # 4000 code points, 16000 UTF-8 bytes
         ack = await ws.send_message(room, body)
         assert ack["type"] == "ack" and ack["seq"] == 1, ack
         ack = await ws.send_message(room, "\u00e9" + "x" * (MAX_BODY - 1))
         assert ack["type"] == "ack" and ack["seq"] == 2, ack
-        stored = await messages_of(api, alice, room)
+        stored = await chat.api.messages(alice, room)
         assert stored[0]["body"] == body
         # Over HTTP the same rule and the same code.
-        status, err = await api.call("POST", f"/api/v1/rooms/{room}/messages", user=alice,
-                                     json_body={"client_msg_id": "h", "body": "x" * 4001})
+        path = f"/api/v1/rooms/{room}/messages"
+        status, err = await chat.api.call("POST", path, user=alice,
+                                          json_body={"client_msg_id": "h", "body": "x" * 4001})
         assert status == 413 and err["error"]["code"] == "too_large", (status, err)
-        status, err = await api.call("POST", f"/api/v1/rooms/{room}/messages", user=alice,
-                                     json_body={"client_msg_id": "h", "body": ""})
+        status, err = await chat.api.call("POST", path, user=alice,
+                                          json_body={"client_msg_id": "h", "body": ""})
         assert status == 400 and err["error"]["code"] == "bad_request", (status, err)
-        assert len(await messages_of(api, alice, room)) == 2
-        await ws.close()
-    assert_clean_logs(node)
+        assert len(await chat.api.messages(alice, room)) == 2
 
 
-async def test_ten_invalid_frames_close_4008(
-        valkey: ValkeyProcess, chatd_nodes: ChatdNodes) -> None:
-    node = await start_node(chatd_nodes, valkey)
-    async with aiohttp.ClientSession() as http:
-        api = Api(http, node.url)
-        alice, bob, carol = [await api.register() for _ in range(3)]
-        room = await api.direct(bob, carol)
-        bob_ws = await connect(http, node.ws_url, bob)
-        carol_ws = await connect(http, node.ws_url, carol)
-        ws = await connect(http, node.ws_url, alice)
+async def test_ten_invalid_frames_close_4008(one_node: OneNode) -> None:
+    async with one_node.chat() as chat:
+        alice, bob, carol = await chat.api.users(3)
+        room = await chat.api.direct(bob, carol)
+        bob_ws = await chat.connect(bob)
+        carol_ws = await chat.connect(carol)
+        ws = await chat.connect(alice)
         invalid: list[str | bytes] = [
             "nope", b"\x01", '{"type":"shout","id":"x"}', "[]",
             '{"type":"ping","id":5}', '{"type":"delivered","room_id":"r","seq":-1}',
@@ -267,7 +228,7 @@ async def test_ten_invalid_frames_close_4008(
         for raw in invalid:
             await reply_to(ws, raw, None, len(ws.of_type("error")))
         assert len(ws.of_type("error")) == 9
-        await assert_alive(ws)  # nine are tolerated
+        await ws.ping()  # nine are tolerated
         ack = await bob_ws.send_message(room, "meanwhile")
         assert ack["seq"] == 1
 
@@ -279,47 +240,36 @@ async def test_ten_invalid_frames_close_4008(
         assert ack["seq"] == 2
         assert [m["body"] for m in await carol_ws.wait_messages(room, 2)] == [
             "meanwhile", "after"]
-        again = await connect(http, node.ws_url, alice)
-        await assert_alive(again)
-        for w in (again, bob_ws, carol_ws):
-            await w.close()
-    assert "Traceback" not in node.log_text()
-    assert_clean_logs(node)
+        again = await chat.connect(alice)
+        await again.ping()
+    assert "Traceback" not in chat.node.log_text()
 
 
 async def test_invalid_frame_limit_is_configurable_and_counts_within_window(
-        valkey: ValkeyProcess, chatd_nodes: ChatdNodes) -> None:
-    node = await start_node(chatd_nodes, valkey, {"CHATD_LIMITS__INVALID_FRAMES_MAX": "3",
-                                                  "CHATD_LIMITS__INVALID_FRAMES_WINDOW_S": "1"})
-    async with aiohttp.ClientSession() as http:
-        alice = await Api(http, node.url).register()
-        ws = await connect(http, node.ws_url, alice)
+        one_node: OneNode) -> None:
+    async with one_node.chat({"CHATD_LIMITS__INVALID_FRAMES_MAX": "3",
+                              "CHATD_LIMITS__INVALID_FRAMES_WINDOW_S": "1"}) as chat:
+        ws = await chat.connect(await chat.api.register())
         # Two per window, twice: four in all, never three within one window.
         for _ in range(2):
             for _ in range(2):
                 await reply_to(ws, "bad", None, len(ws.of_type("error")))
-            await assert_alive(ws)
+            await ws.ping()
             await asyncio.sleep(1.1)
         for _ in range(3):
             await ws.ws.send_str("bad")
         assert await ws.wait_closed() == CLOSE_POLICY
-    assert_clean_logs(node)
 
 
-
-
-async def test_text_frame_with_invalid_utf8(valkey: ValkeyProcess,
-                                            chatd_nodes: ChatdNodes) -> None:
+async def test_text_frame_with_invalid_utf8(one_node: OneNode, chatd_nodes: ChatdNodes) -> None:
     chatd_nodes.report_log_problems = False  # the traceback is asserted on below
-    node = await start_node(chatd_nodes, valkey)
-    async with aiohttp.ClientSession() as http:
-        api = Api(http, node.url)
-        alice, bob = await api.register(), await api.register()
-        room = await api.direct(alice, bob)
-        bob_ws = await connect(http, node.ws_url, bob)
+    async with one_node.chat(clean_logs=False) as chat:
+        alice, bob = await chat.api.users(2)
+        room = await chat.api.direct(alice, bob)
+        bob_ws = await chat.connect(bob)
         # After hello: a bad_request error and the connection stays (or, as RFC 6455
         # allows for invalid text, a close with 1007).
-        ws = await connect(http, node.ws_url, alice)
+        ws = await chat.connect(alice)
         await ws.ws.send_frame(b'{"type":"ping","id":"\xff"}', aiohttp.WSMsgType.TEXT)
         try:
             error: dict[str, Any] | None = await ws.wait_type("error")
@@ -327,15 +277,14 @@ async def test_text_frame_with_invalid_utf8(valkey: ValkeyProcess,
             error = None
         if error is not None:
             assert error["code"] == "bad_request", error
-            await assert_alive(ws)
+            await ws.ping()
             await ws.close()
         else:
             assert ws.closed_code == 1007
         # Before hello: not a hello, so 4001 (or 1007).
-        early = await connect(http, node.ws_url, None, hello=False)
+        early = await chat.raw()
         await early.ws.send_frame(b'{"type":"hello","token":"\xff"}', aiohttp.WSMsgType.TEXT)
         assert await early.wait_closed() in (4001, 1007)
         ack = await bob_ws.send_message(room, "still fine")
         assert ack["type"] == "ack"
-        await bob_ws.close()
-    assert "Traceback" not in node.log_text()
+    assert "Traceback" not in chat.node.log_text()

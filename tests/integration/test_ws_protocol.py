@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import secrets
 import time
-from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
@@ -16,8 +14,9 @@ from itsdangerous import TimestampSigner, URLSafeTimedSerializer
 
 from chatd import keys
 from chatd.auth import TOKEN_SALT
-from tests.client import FAST_ENV, Api, User, Ws, connect, metric
-from tests.harness import ChatdNode, ChatdNodes, ValkeyProcess, assert_clean_logs
+from tests.client import Chat, User, Ws, metric
+from tests.conftest import OneNode
+from tests.harness import ValkeyProcess
 
 CLOSE_TOO_BIG = 1009
 CLOSE_UNAUTHORIZED = 4001
@@ -33,47 +32,28 @@ class OldSigner(TimestampSigner):
         return int(time.time()) - 8 * 24 * 3600
 
 
-async def start_node(chatd_nodes: ChatdNodes, valkey: ValkeyProcess,
-                     env: Mapping[str, str] | None = None) -> ChatdNode:
-    (node,) = await chatd_nodes.start(1, redis_url=valkey, env={**FAST_ENV, **(env or {})})
-    return node
-
-
-async def raw(http: aiohttp.ClientSession, node: ChatdNode,
-              headers: Mapping[str, str] | None = None) -> Ws:
-    """A connection that has not said hello yet."""
-    ws = Ws(await http.ws_connect(node.ws_url, headers=dict(headers or {})))
-    ws.start()
-    return ws
-
-
-async def request(ws: Ws, frame: dict[str, Any]) -> dict[str, Any]:
-    """Send a frame with a fresh id and return the reply echoing it."""
-    rid = f"r-{secrets.token_hex(4)}"
-    await ws.send({**frame, "id": rid})
-    return await ws.wait_for(lambda f: f.get("id") == rid)
-
-
-async def assert_alive(ws: Ws) -> None:
-    reply = await request(ws, {"type": "ping"})
-    assert reply["type"] == "pong"
-
-
-async def messages_of(api: Api, user: User, room: str) -> list[dict[str, Any]]:
-    status, body = await api.call("GET", f"/api/v1/rooms/{room}/messages?limit=200", user=user)
-    assert status == 200, (status, body)
-    return list(body["messages"])
+async def connect_once_a_slot_is_free(chat: Chat, user: User, why: str) -> Ws:
+    """Say hello as `user` until the per-user connection limit lets one in (the server
+    counts a closed connection out a moment later); fails with `why` after 5 s."""
+    deadline = time.monotonic() + 5
+    while True:
+        ws = await chat.connect(user, welcome=False)
+        try:
+            await ws.wait_type("welcome")
+            return ws
+        except AssertionError:  # closed (4029) before a welcome
+            assert ws.closed_code == CLOSE_TOO_MANY
+        assert time.monotonic() < deadline, why
+        await asyncio.sleep(0.1)
 
 
 # --- hello ------------------------------------------------------------------------
 
 
-async def test_no_hello_within_auth_timeout_closes_4002(
-        valkey: ValkeyProcess, chatd_nodes: ChatdNodes) -> None:
-    node = await start_node(chatd_nodes, valkey, {"CHATD_LIMITS__AUTH_TIMEOUT_S": "1"})
-    async with aiohttp.ClientSession() as http:
+async def test_no_hello_within_auth_timeout_closes_4002(one_node: OneNode) -> None:
+    async with one_node.chat({"CHATD_LIMITS__AUTH_TIMEOUT_S": "1"}) as chat:
         t0 = time.monotonic()
-        silent = await raw(http, node)
+        silent = await chat.raw()
         code = await silent.wait_closed(timeout=6)
         elapsed = time.monotonic() - t0
         assert code == CLOSE_HELLO_TIMEOUT
@@ -81,19 +61,14 @@ async def test_no_hello_within_auth_timeout_closes_4002(
         assert silent.frames == []  # nothing at all before hello
 
         # A hello inside the window is fine, and the timeout no longer applies after it.
-        user = await Api(http, node.url).register()
-        ws = await connect(http, node.ws_url, user)
+        ws = await chat.connect(await chat.api.register())
         await asyncio.sleep(1.5)
-        await assert_alive(ws)
-        await ws.close()
-    assert_clean_logs(node)
+        await ws.ping()
 
 
-async def test_any_other_frame_before_hello_closes_4001(
-        valkey: ValkeyProcess, chatd_nodes: ChatdNodes) -> None:
-    node = await start_node(chatd_nodes, valkey)
-    async with aiohttp.ClientSession() as http:
-        user = await Api(http, node.url).register()
+async def test_any_other_frame_before_hello_closes_4001(one_node: OneNode) -> None:
+    async with one_node.chat() as chat:
+        user = await chat.api.register()
         firsts: list[Any] = [
             {"type": "ping", "id": "p1"},
             {"type": "send", "room_id": "x", "client_msg_id": "c1", "body": "hi"},
@@ -105,26 +80,18 @@ async def test_any_other_frame_before_hello_closes_4001(
             b'{"type":"hello"}',  # binary
         ]
         for first in firsts:
-            ws = await raw(http, node)
-            if isinstance(first, bytes):
-                await ws.ws.send_bytes(first)
-            elif isinstance(first, str):
-                await ws.ws.send_str(first)
-            else:
-                await ws.send(first)
+            ws = await chat.raw()
+            await ws.send_raw(first)
             assert await ws.wait_closed() == CLOSE_UNAUTHORIZED, first
             assert not ws.of_type("welcome") and not ws.of_type("pong"), (first, ws.frames)
-    assert_clean_logs(node)
 
 
 async def test_bad_missing_or_revoked_token_gets_unauthorized_then_4001(
-        valkey: ValkeyProcess, chatd_nodes: ChatdNodes) -> None:
-    node = await start_node(chatd_nodes, valkey)
-    async with aiohttp.ClientSession() as http:
-        api = Api(http, node.url)
-        user = await api.register()
-        revoked = await api.login(user.username)
-        status, _ = await api.call("POST", "/api/v1/logout", user=revoked)
+        valkey: ValkeyProcess, one_node: OneNode) -> None:
+    async with one_node.chat() as chat:
+        user = await chat.api.register()
+        revoked = await chat.api.login(user.username)
+        status, _ = await chat.api.call("POST", "/api/v1/logout", user=revoked)
         assert status == 204
         tampered = user.token[:-3] + ("AAA" if not user.token.endswith("AAA") else "BBB")
         async with valkey.client(decode_responses=True) as r:
@@ -144,7 +111,7 @@ async def test_bad_missing_or_revoked_token_gets_unauthorized_then_4001(
             {"type": "hello", "id": "h-int", "token": 12345},
         ]
         for hello in hellos:
-            ws = await raw(http, node)
+            ws = await chat.raw()
             await ws.send(hello)
             assert await ws.wait_closed() == CLOSE_UNAUTHORIZED, hello
             assert not ws.of_type("welcome"), (hello, ws.frames)
@@ -156,23 +123,19 @@ async def test_bad_missing_or_revoked_token_gets_unauthorized_then_4001(
                 assert isinstance(err["message"], str)
 
         # A bad token in the header, and nothing in hello, is refused the same way.
-        ws = await raw(http, node, headers={"Authorization": f"Bearer {tampered}"})
+        ws = await chat.raw(headers={"Authorization": f"Bearer {tampered}"})
         await ws.send({"type": "hello"})
         assert await ws.wait_closed() == CLOSE_UNAUTHORIZED
         assert not ws.of_type("welcome")
 
         # The genuine token still works (the failures above did not poison anything).
-        ok = await connect(http, node.ws_url, user)
-        await assert_alive(ok)
-        await ok.close()
-    assert_clean_logs(node)
+        ok = await chat.connect(user)
+        await ok.ping()
 
 
-async def test_unauthorized_error_frame_is_a_text_frame(
-        valkey: ValkeyProcess, chatd_nodes: ChatdNodes) -> None:
-    node = await start_node(chatd_nodes, valkey)
-    async with aiohttp.ClientSession() as http:
-        ws = await http.ws_connect(node.ws_url)
+async def test_unauthorized_error_frame_is_a_text_frame(one_node: OneNode) -> None:
+    async with one_node.chat() as chat:
+        ws = await chat.http.ws_connect(chat.node.ws_url)
         await ws.send_str('{"type": "hello", "id": "h1", "token": "forged"}')
         received = [(msg.type, msg.data) async for msg in ws]
         assert ws.close_code == CLOSE_UNAUTHORIZED
@@ -183,17 +146,13 @@ async def test_unauthorized_error_frame_is_a_text_frame(
         for frame in frames:
             assert (frame["type"], frame["id"], frame["code"]) == ("error", "h1",
                                                                    "unauthorized")
-    assert_clean_logs(node)
 
 
-async def test_token_in_authorization_header_with_bare_hello(
-        valkey: ValkeyProcess, chatd_nodes: ChatdNodes) -> None:
-    node = await start_node(chatd_nodes, valkey)
-    async with aiohttp.ClientSession() as http:
-        api = Api(http, node.url)
-        alice, bob = await api.register(), await api.register()
-        room = await api.direct(alice, bob)
-        ws = await raw(http, node, headers=alice.headers)
+async def test_token_in_authorization_header_with_bare_hello(one_node: OneNode) -> None:
+    async with one_node.chat() as chat:
+        alice, bob = await chat.api.users(2)
+        room = await chat.api.direct(alice, bob)
+        ws = await chat.raw(headers=alice.headers)
         await ws.send({"type": "hello"})
         welcome = await ws.wait_type("welcome")
         assert welcome["user_id"] == alice.user_id
@@ -205,43 +164,38 @@ async def test_token_in_authorization_header_with_bare_hello(
         assert [m["body"] for m in await ws.wait_messages(room, 1)] == ["via header"]
 
         # The header is still not a hello: another frame first closes with 4001.
-        early = await raw(http, node, headers=alice.headers)
+        early = await chat.raw(headers=alice.headers)
         await early.send({"type": "ping", "id": "p"})
         assert await early.wait_closed() == CLOSE_UNAUTHORIZED
         assert not early.of_type("pong")
-        await ws.close()
-    assert_clean_logs(node)
 
 
-async def test_welcome_lists_identity_and_every_room_with_positions(
-        valkey: ValkeyProcess, chatd_nodes: ChatdNodes) -> None:
-    node = await start_node(chatd_nodes, valkey, {"CHATD_LIMITS__HEARTBEAT_S": "7.5"})
-    async with aiohttp.ClientSession() as http:
-        api = Api(http, node.url)
-        alice, bob, carol = [await api.register() for _ in range(3)]
-        direct = await api.direct(alice, bob)
-        group = await api.group(alice, [bob, carol])
-        await api.group(bob, [carol])  # not alice's
-        empty = await api.group(alice, [], name="alone")
+async def test_welcome_lists_identity_and_every_room_with_positions(one_node: OneNode) -> None:
+    async with one_node.chat({"CHATD_LIMITS__HEARTBEAT_S": "7.5"}) as chat:
+        alice, bob, carol = await chat.api.users(3)
+        direct = await chat.api.direct(alice, bob)
+        group = await chat.api.group(alice, [bob, carol])
+        await chat.api.group(bob, [carol])  # not alice's
+        empty = await chat.api.group(alice, [], name="alone")
 
-        sender = await connect(http, node.ws_url, bob)
+        sender = await chat.connect(bob)
         for i in range(3):
             assert (await sender.send_message(direct, f"d{i}"))["seq"] == i + 1
         for i in range(5):
             assert (await sender.send_message(group, f"g{i}"))["seq"] == i + 1
 
-        first = await connect(http, node.ws_url, alice)
+        first = await chat.connect(alice)
         await first.send({"type": "delivered", "room_id": group, "seq": 4})
         await first.send({"type": "read", "room_id": group, "seq": 2})
         await first.send({"type": "read", "room_id": direct, "seq": 3})
-        await assert_alive(first)  # processed in order: the marks are stored by now
+        await first.ping()  # processed in order: the marks are stored by now
 
-        ws = await connect(http, node.ws_url, alice)
+        ws = await chat.connect(alice)
         welcome = ws.of_type("welcome")[0]
         assert ws.frames[0] is welcome  # the first frame of the connection
         assert welcome["user_id"] == alice.user_id
         assert welcome["session_id"] == alice.session_id
-        assert welcome["node_id"] == node.node_id
+        assert welcome["node_id"] == chat.node.node_id
         assert welcome["heartbeat_s"] == 7.5
         rooms = {r["room_id"]: r for r in welcome["rooms"]}
         assert len(welcome["rooms"]) == 3
@@ -250,20 +204,14 @@ async def test_welcome_lists_identity_and_every_room_with_positions(
             group: {"room_id": group, "last_seq": 5, "read_seq": 2, "delivered_seq": 4},
             empty: {"room_id": empty, "last_seq": 0, "read_seq": 0, "delivered_seq": 0},
         }
-        for w in (ws, first, sender):
-            await w.close()
-    assert_clean_logs(node)
 
 
-async def test_welcome_is_the_first_frame_even_in_a_busy_room(
-        valkey: ValkeyProcess, chatd_nodes: ChatdNodes) -> None:
-    node = await start_node(chatd_nodes, valkey, {"CHATD_LIMITS__FRAME_RATE_PER_S": "100000",
-                                                  "CHATD_LIMITS__FRAME_BURST": "100000"})
-    async with aiohttp.ClientSession() as http:
-        api = Api(http, node.url)
-        alice, carol = await api.register(), await api.register()
-        room = await api.group(carol, [alice])
-        carol_ws = await connect(http, node.ws_url, carol)
+async def test_welcome_is_the_first_frame_even_in_a_busy_room(one_node: OneNode) -> None:
+    async with one_node.chat({"CHATD_LIMITS__FRAME_RATE_PER_S": "100000",
+                              "CHATD_LIMITS__FRAME_BURST": "100000"}) as chat:
+        alice, carol = await chat.api.users(2)
+        room = await chat.api.group(carol, [alice])
+        carol_ws = await chat.connect(carol)
         busy = True
 
         async def keep_typing() -> None:
@@ -276,9 +224,7 @@ async def test_welcome_is_the_first_frame_even_in_a_busy_room(
         firsts = []
         try:
             for _ in range(50):
-                ws = await raw(http, node)
-                await ws.send({"type": "hello", "token": alice.token})
-                await ws.wait_type("welcome")
+                ws = await chat.connect(alice)
                 firsts.append(ws.frames[0]["type"])
                 await ws.close()
                 if firsts[-1] != "welcome":
@@ -287,99 +233,62 @@ async def test_welcome_is_the_first_frame_even_in_a_busy_room(
             busy = False
             await typing
         assert set(firsts) == {"welcome"}, firsts
-        await carol_ws.close()
-    assert_clean_logs(node)
 
 
-async def test_second_hello_after_welcome_is_bad_request(
-        valkey: ValkeyProcess, chatd_nodes: ChatdNodes) -> None:
-    node = await start_node(chatd_nodes, valkey)
-    async with aiohttp.ClientSession() as http:
-        user = await Api(http, node.url).register()
-        ws = await connect(http, node.ws_url, user)
-        reply = await request(ws, {"type": "hello", "token": user.token})
+async def test_second_hello_after_welcome_is_bad_request(one_node: OneNode) -> None:
+    async with one_node.chat() as chat:
+        user = await chat.api.register()
+        ws = await chat.connect(user)
+        reply = await ws.request({"type": "hello", "token": user.token})
         assert reply["type"] == "error" and reply["code"] == "bad_request", reply
         assert len(ws.of_type("welcome")) == 1
-        await assert_alive(ws)
-        await ws.close()
-    assert_clean_logs(node)
+        await ws.ping()
 
 
 # --- limits -------------------------------------------------------------------------
 
 
-async def test_per_user_connection_limit_closes_4029(
-        valkey: ValkeyProcess, chatd_nodes: ChatdNodes) -> None:
-    node = await start_node(chatd_nodes, valkey,
-                            {"CHATD_LIMITS__MAX_CONNECTIONS_PER_USER": "2"})
-    async with aiohttp.ClientSession() as http:
-        api = Api(http, node.url)
-        alice, bob = await api.register(), await api.register()
-        room = await api.direct(alice, bob)
-        one = await connect(http, node.ws_url, alice)
-        two = await connect(http, node.ws_url, alice)
+async def test_per_user_connection_limit_closes_4029(one_node: OneNode) -> None:
+    async with one_node.chat({"CHATD_LIMITS__MAX_CONNECTIONS_PER_USER": "2"}) as chat:
+        alice, bob = await chat.api.users(2)
+        room = await chat.api.direct(alice, bob)
+        one = await chat.connect(alice)
+        two = await chat.connect(alice)
 
-        third = await raw(http, node)
-        await third.send({"type": "hello", "token": alice.token})
+        third = await chat.connect(alice, welcome=False)
         assert await third.wait_closed() == CLOSE_TOO_MANY
         assert not third.of_type("welcome"), third.frames
 
         # The refused one did not take a slot, and the others are unaffected.
-        await assert_alive(one)
-        await assert_alive(two)
-        bob_ws = await connect(http, node.ws_url, bob)  # another user has its own limit
+        await one.ping()
+        await two.ping()
+        bob_ws = await chat.connect(bob)  # another user has its own limit
         ack = await bob_ws.send_message(room, "still works")
         for w in (one, two):
             assert [m["body"] for m in await w.wait_messages(room, 1)] == ["still works"]
 
-        # Freeing a slot lets a new connection in (give the server a moment to count it).
+        # Freeing a slot lets a new connection in.
         await one.close()
-        deadline = time.monotonic() + 5
-        while True:
-            again = await raw(http, node)
-            await again.send({"type": "hello", "token": alice.token})
-            try:
-                await again.wait_type("welcome")
-                break
-            except AssertionError:  # closed (4029) before a welcome
-                assert again.closed_code == CLOSE_TOO_MANY
-            assert time.monotonic() < deadline, "no connection allowed after closing one"
-            await asyncio.sleep(0.1)
+        again = await connect_once_a_slot_is_free(chat, alice,
+                                                  "no connection allowed after closing one")
         assert ack["seq"] == 1
-        await assert_alive(again)
+        await again.ping()
         # ... and the limit holds again.
-        fourth = await raw(http, node)
-        await fourth.send({"type": "hello", "token": alice.token})
+        fourth = await chat.connect(alice, welcome=False)
         assert await fourth.wait_closed() == CLOSE_TOO_MANY
         # A connection the server closes (4008 here) frees its slot too.
         for _ in range(10):
             await two.ws.send_str("not json")
         assert await two.wait_closed() == CLOSE_POLICY
-        deadline = time.monotonic() + 5
-        while True:
-            fifth = await raw(http, node)
-            await fifth.send({"type": "hello", "token": alice.token})
-            try:
-                await fifth.wait_type("welcome")
-                break
-            except AssertionError:
-                assert fifth.closed_code == CLOSE_TOO_MANY
-            assert time.monotonic() < deadline, "the closed connection kept its slot"
-            await asyncio.sleep(0.1)
-        for w in (fifth, again, bob_ws):
-            await w.close()
-    assert_clean_logs(node)
+        await connect_once_a_slot_is_free(chat, alice, "the closed connection kept its slot")
 
 
-async def test_frame_over_max_frame_bytes_closes_1009(
-        valkey: ValkeyProcess, chatd_nodes: ChatdNodes) -> None:
-    node = await start_node(chatd_nodes, valkey, {"CHATD_LIMITS__MAX_FRAME_BYTES": "2048"})
-    async with aiohttp.ClientSession() as http:
-        api = Api(http, node.url)
-        alice, bob = await api.register(), await api.register()
-        room = await api.direct(alice, bob)
-        ws = await connect(http, node.ws_url, alice)
-        other = await connect(http, node.ws_url, bob)
+async def test_frame_over_max_frame_bytes_closes_1009(one_node: OneNode) -> None:
+    async with one_node.chat({"CHATD_LIMITS__MAX_FRAME_BYTES": "2048"}) as chat:
+        alice, bob = await chat.api.users(2)
+        room = await chat.api.direct(alice, bob)
+        ws = await chat.connect(alice)
+        other = await chat.connect(bob)
         # Just under the limit is a normal frame.
         ack = await ws.send_message(room, "x" * 1800)
         assert ack["type"] == "ack" and ack["seq"] == 1, ack
@@ -389,23 +298,19 @@ async def test_frame_over_max_frame_bytes_closes_1009(
         assert await ws.wait_closed() == CLOSE_TOO_BIG
         assert not [f for f in ws.frames if f.get("id") == "big"]
         # Not stored, and the other client goes on.
-        assert [m["seq"] for m in await messages_of(api, bob, room)] == [1]
+        assert [m["seq"] for m in await chat.api.messages(bob, room)] == [1]
         ack = await other.send_message(room, "after")
         assert ack["seq"] == 2
 
         # Before hello too.
-        early = await raw(http, node)
+        early = await chat.raw()
         await early.ws.send_str("z" * 4096)
         assert await early.wait_closed() == CLOSE_TOO_BIG
-        await other.close()
-    assert_clean_logs(node)
 
 
-async def test_ping_gets_pong_echoing_id(valkey: ValkeyProcess, chatd_nodes: ChatdNodes) -> None:
-    node = await start_node(chatd_nodes, valkey)
-    async with aiohttp.ClientSession() as http:
-        user = await Api(http, node.url).register()
-        ws = await connect(http, node.ws_url, user)
+async def test_ping_gets_pong_echoing_id(one_node: OneNode) -> None:
+    async with one_node.chat() as chat:
+        ws = await chat.connect(await chat.api.register())
         for rid in ("a", "ping-1", "x" * 64):
             await ws.send({"type": "ping", "id": rid})
             pong = await ws.wait_for(lambda f, rid=rid: f.get("id") == rid)
@@ -413,18 +318,14 @@ async def test_ping_gets_pong_echoing_id(valkey: ValkeyProcess, chatd_nodes: Cha
         await ws.send({"type": "ping"})
         pong = await ws.wait_for(lambda f: f.get("type") == "pong" and "id" not in f)
         assert pong == {"type": "pong"}
-        await ws.close()
-    assert_clean_logs(node)
 
 
-async def test_per_connection_frame_rate_limit(
-        valkey: ValkeyProcess, chatd_nodes: ChatdNodes) -> None:
-    node = await start_node(chatd_nodes, valkey, {"CHATD_LIMITS__FRAME_RATE_PER_S": "1",
-                                                  "CHATD_LIMITS__FRAME_BURST": "5"})
-    async with aiohttp.ClientSession() as http:
-        user = await Api(http, node.url).register()
-        ws = await connect(http, node.ws_url, user)
-        other = await connect(http, node.ws_url, user)  # its own budget
+async def test_per_connection_frame_rate_limit(one_node: OneNode) -> None:
+    async with one_node.chat({"CHATD_LIMITS__FRAME_RATE_PER_S": "1",
+                              "CHATD_LIMITS__FRAME_BURST": "5"}) as chat:
+        user = await chat.api.register()
+        ws = await chat.connect(user)
+        other = await chat.connect(user)  # its own budget
         for i in range(8):
             await ws.send({"type": "ping", "id": f"p{i}"})
         replies = [await ws.wait_for(lambda f, i=i: f.get("id") == f"p{i}") for i in range(8)]
@@ -432,42 +333,29 @@ async def test_per_connection_frame_rate_limit(
         for r in replies[5:]:
             assert r["type"] == "error" and r["code"] == "rate_limited", r
             assert r["retry_after_ms"] > 0
-        await assert_alive(other)
+        await other.ping()
         await asyncio.sleep(replies[-1]["retry_after_ms"] / 1000 + 0.05)
-        await assert_alive(ws)  # refilled; the connection stayed open
-        for w in (ws, other):
-            await w.close()
-    assert_clean_logs(node)
+        await ws.ping()  # refilled; the connection stayed open
 
 
-async def test_origin_allow_list_on_upgrade(valkey: ValkeyProcess,
-                                            chatd_nodes: ChatdNodes) -> None:
-    node = await start_node(chatd_nodes, valkey)
-    async with aiohttp.ClientSession() as http:
-        user = await Api(http, node.url).register()
+async def test_origin_allow_list_on_upgrade(one_node: OneNode) -> None:
+    async with one_node.chat() as chat:
+        user = await chat.api.register()
         try:
-            await http.ws_connect(node.ws_url, headers={"Origin": "https://evil.example"})
+            await chat.raw(headers={"Origin": "https://evil.example"})
             raise AssertionError("a foreign Origin was let in")
         except aiohttp.WSServerHandshakeError as e:
             assert e.status == 403
-        own = Ws(await http.ws_connect(node.ws_url, headers={"Origin": node.url}))
-        own.start()
-        await own.send({"type": "hello", "token": user.token})
-        await own.wait_type("welcome")
-        await own.close()
-    assert_clean_logs(node)
+        await chat.connect(user, headers={"Origin": chat.node.url})
 
 
-async def test_send_rate_limit_refuses_without_storing(
-        valkey: ValkeyProcess, chatd_nodes: ChatdNodes) -> None:
-    node = await start_node(chatd_nodes, valkey, {"CHATD_LIMITS__SEND_RATE_PER_S": "1",
-                                                  "CHATD_LIMITS__SEND_BURST": "3"})
-    async with aiohttp.ClientSession() as http:
-        api = Api(http, node.url)
-        alice, bob = await api.register(), await api.register()
-        room = await api.direct(alice, bob)
-        ws = await connect(http, node.ws_url, alice)
-        bob_ws = await connect(http, node.ws_url, bob)
+async def test_send_rate_limit_refuses_without_storing(one_node: OneNode) -> None:
+    async with one_node.chat({"CHATD_LIMITS__SEND_RATE_PER_S": "1",
+                              "CHATD_LIMITS__SEND_BURST": "3"}) as chat:
+        alice, bob = await chat.api.users(2)
+        room = await chat.api.direct(alice, bob)
+        ws = await chat.connect(alice)
+        bob_ws = await chat.connect(bob)
 
         cmids = [f"burst-{i}" for i in range(6)]
         for i, cmid in enumerate(cmids):
@@ -482,13 +370,14 @@ async def test_send_rate_limit_refuses_without_storing(
             assert isinstance(r["retry_after_ms"], int) and r["retry_after_ms"] > 0, r
 
         # The bucket is empty now: a repeat of an acked message is still answered.
-        dup = await request(ws, {"type": "send", "room_id": room, "client_msg_id": cmids[0],
-                                 "body": "m0"})
+        dup = await ws.request({"type": "send", "room_id": room, "client_msg_id": cmids[0],
+                                "body": "m0"})
         assert dup["type"] == "ack", dup
         assert (dup["seq"], dup["ts"], dup["duplicate"]) == (1, acks[0]["ts"], True)
         # The HTTP send shares the bucket: 429 with retry_after_ms and Retry-After.
-        async with http.post(f"{node.url}/api/v1/rooms/{room}/messages", headers=alice.headers,
-                             json={"client_msg_id": "http-1", "body": "x"}) as resp:
+        async with chat.http.post(f"{chat.node.url}/api/v1/rooms/{room}/messages",
+                                  headers=alice.headers,
+                                  json={"client_msg_id": "http-1", "body": "x"}) as resp:
             body = await resp.json()
             assert resp.status == 429, body
             assert body["error"]["code"] == "rate_limited"
@@ -496,14 +385,14 @@ async def test_send_rate_limit_refuses_without_storing(
             assert int(resp.headers["Retry-After"]) >= 1
 
         # Nothing of the refused ones was stored or delivered.
-        assert [m["client_msg_id"] for m in await messages_of(api, bob, room)] == cmids[:3]
+        assert [m["client_msg_id"] for m in await chat.api.messages(bob, room)] == cmids[:3]
 
         # After waiting, the same client_msg_ids are free: stored as new messages.
         seqs = []
         for i, cmid in enumerate(cmids[3:], start=3):
             while True:
-                reply = await request(ws, {"type": "send", "room_id": room,
-                                           "client_msg_id": cmid, "body": f"m{i}"})
+                reply = await ws.request({"type": "send", "room_id": room,
+                                          "client_msg_id": cmid, "body": f"m{i}"})
                 if reply["type"] == "ack":
                     break
                 assert reply["code"] == "rate_limited", reply
@@ -514,25 +403,20 @@ async def test_send_rate_limit_refuses_without_storing(
         got = await bob_ws.wait_messages(room, 6)
         assert [(m["seq"], m["client_msg_id"], m["body"]) for m in got] == [
             (i + 1, cmid, f"m{i}") for i, cmid in enumerate(cmids)]
-        for w in (ws, bob_ws):
-            await w.close()
-    assert_clean_logs(node)
 
 
 # --- idempotency --------------------------------------------------------------------
 
 
 async def test_same_client_msg_id_twice_over_ws_is_stored_and_delivered_once(
-        valkey: ValkeyProcess, chatd_nodes: ChatdNodes) -> None:
-    node = await start_node(chatd_nodes, valkey)
-    async with aiohttp.ClientSession() as http:
-        api = Api(http, node.url)
-        alice, bob, carol = [await api.register() for _ in range(3)]
-        room = await api.group(alice, [bob, carol])
-        other_room = await api.direct(alice, bob)
-        ws = await connect(http, node.ws_url, alice)
-        bob_ws = await connect(http, node.ws_url, bob)
-        carol_ws = await connect(http, node.ws_url, carol)
+        one_node: OneNode) -> None:
+    async with one_node.chat() as chat:
+        alice, bob, carol = await chat.api.users(3)
+        room = await chat.api.group(alice, [bob, carol])
+        other_room = await chat.api.direct(alice, bob)
+        ws = await chat.connect(alice)
+        bob_ws = await chat.connect(bob)
+        carol_ws = await chat.connect(carol)
 
         first = await ws.send_message(room, "once", client_msg_id="same-id")
         again = await ws.send_message(room, "once", client_msg_id="same-id")
@@ -549,7 +433,7 @@ async def test_same_client_msg_id_twice_over_ws_is_stored_and_delivered_once(
         elsewhere = await ws.send_message(other_room, "elsewhere", client_msg_id="same-id")
         assert (elsewhere["seq"], elsewhere["duplicate"]) == (1, False)
 
-        stored = await messages_of(api, carol, room)
+        stored = await chat.api.messages(carol, room)
         assert [(m["seq"], m["sender_id"], m["body"]) for m in stored] == [
             (1, alice.user_id, "once"), (2, bob.user_id, "bob's")]
         # Every connection got seq 1 exactly once (seq 2 came after it through the same path).
@@ -558,65 +442,54 @@ async def test_same_client_msg_id_twice_over_ws_is_stored_and_delivered_once(
             await asyncio.sleep(0.2)
             assert [m["seq"] for m in w.messages(room)] == [1, 2], w.messages(room)
             assert got[0]["body"] == "once"
-        for w in (ws, bob_ws, carol_ws):
-            await w.close()
-    assert_clean_logs(node)
 
 
 async def test_same_client_msg_id_twice_over_http_gives_200_duplicate(
-        valkey: ValkeyProcess, chatd_nodes: ChatdNodes) -> None:
-    node = await start_node(chatd_nodes, valkey)
-    async with aiohttp.ClientSession() as http:
-        api = Api(http, node.url)
-        alice, bob = await api.register(), await api.register()
-        room = await api.direct(alice, bob)
-        bob_ws = await connect(http, node.ws_url, bob)
+        one_node: OneNode) -> None:
+    async with one_node.chat() as chat:
+        alice, bob = await chat.api.users(2)
+        room = await chat.api.direct(alice, bob)
+        bob_ws = await chat.connect(bob)
         path = f"/api/v1/rooms/{room}/messages"
 
-        status, created = await api.call("POST", path, user=alice,
-                                         json_body={"client_msg_id": "h1", "body": "hello"})
+        status, created = await chat.api.call("POST", path, user=alice,
+                                              json_body={"client_msg_id": "h1", "body": "hello"})
         assert status == 201, created
         assert created["seq"] == 1 and created["body"] == "hello"
         assert created["sender_id"] == alice.user_id and created["client_msg_id"] == "h1"
         assert created.get("duplicate", False) is False
-        status, dup = await api.call("POST", path, user=alice,
-                                     json_body={"client_msg_id": "h1", "body": "hello"})
+        status, dup = await chat.api.call("POST", path, user=alice,
+                                          json_body={"client_msg_id": "h1", "body": "hello"})
         assert status == 200, dup
         assert dup["duplicate"] is True
         assert (dup["seq"], dup["ts"], dup["body"]) == (1, created["ts"], "hello")
 
         # Same pipeline as the WebSocket: a WS send with that id is a duplicate too.
-        alice_ws = await connect(http, node.ws_url, alice)
+        alice_ws = await chat.connect(alice)
         ack = await alice_ws.send_message(room, "hello", client_msg_id="h1")
         assert (ack["seq"], ack["duplicate"]) == (1, True)
         ack = await alice_ws.send_message(room, "next", client_msg_id="h2")
         assert (ack["seq"], ack["duplicate"]) == (2, False)
 
-        assert [m["seq"] for m in await messages_of(api, bob, room)] == [1, 2]
+        assert [m["seq"] for m in await chat.api.messages(bob, room)] == [1, 2]
         await bob_ws.wait_messages(room, 2)
         await asyncio.sleep(0.2)
         assert [m["seq"] for m in bob_ws.messages(room)] == [1, 2]
-        for w in (alice_ws, bob_ws):
-            await w.close()
-    assert_clean_logs(node)
 
 
 # --- typing -------------------------------------------------------------------------
 
 
-async def test_typing_goes_to_the_other_members_only(
-        valkey: ValkeyProcess, chatd_nodes: ChatdNodes) -> None:
-    node = await start_node(chatd_nodes, valkey)
-    async with aiohttp.ClientSession() as http:
-        api = Api(http, node.url)
-        alice, bob, carol, dave = [await api.register() for _ in range(4)]
-        room = await api.group(alice, [bob, carol])
-        await api.group(dave, [alice])  # dave shares another room with alice, not this one
-        alice1 = await connect(http, node.ws_url, alice)
-        alice2 = await connect(http, node.ws_url, alice)
-        bob_ws = await connect(http, node.ws_url, bob)
-        carol_ws = await connect(http, node.ws_url, carol)
-        dave_ws = await connect(http, node.ws_url, dave)
+async def test_typing_goes_to_the_other_members_only(one_node: OneNode) -> None:
+    async with one_node.chat() as chat:
+        alice, bob, carol, dave = await chat.api.users(4)
+        room = await chat.api.group(alice, [bob, carol])
+        await chat.api.group(dave, [alice])  # dave shares another room with alice, not this one
+        alice1 = await chat.connect(alice)
+        alice2 = await chat.connect(alice)
+        bob_ws = await chat.connect(bob)
+        carol_ws = await chat.connect(carol)
+        dave_ws = await chat.connect(dave)
 
         await alice1.send({"type": "typing", "room_id": room, "active": True})
         for w in (bob_ws, carol_ws):
@@ -628,7 +501,7 @@ async def test_typing_goes_to_the_other_members_only(
             await w.wait_type("typing", user_id=alice.user_id, active=False)
 
         # A non-member: not_found (echoing id), and nobody in the room hears it.
-        reply = await request(dave_ws, {"type": "typing", "room_id": room, "active": True})
+        reply = await dave_ws.request({"type": "typing", "room_id": room, "active": True})
         assert reply["type"] == "error" and reply["code"] == "not_found", reply
 
         # Bob types afterwards: when alice's connections see it, anything of her own
@@ -643,29 +516,21 @@ async def test_typing_goes_to_the_other_members_only(
             alice.user_id, alice.user_id, bob.user_id]
         assert not dave_ws.of_type("typing")
         # Typing is not stored.
-        assert await messages_of(api, bob, room) == []
-        for w in (alice1, alice2, bob_ws, carol_ws, dave_ws):
-            await w.close()
-    assert_clean_logs(node)
+        assert await chat.api.messages(bob, room) == []
 
 
 # --- heartbeat ----------------------------------------------------------------------------
 
 
 async def test_a_peer_that_stops_answering_pings_is_dropped_and_goes_offline(
-        valkey: ValkeyProcess, chatd_nodes: ChatdNodes) -> None:
+        one_node: OneNode) -> None:
     """PROTOCOL.md section 3: servers ping every `heartbeat_s` and drop connections that do
     not answer. A client that still reads but never pongs is cut; one that pongs stays."""
-    node = await start_node(chatd_nodes, valkey, {"CHATD_LIMITS__HEARTBEAT_S": "1"})
-    async with aiohttp.ClientSession() as http:
-        api = Api(http, node.url)
-        alice, bob = await api.register(), await api.register()
-        room = await api.group(alice, [bob])
-        bob_ws = await connect(http, node.ws_url, bob)  # aiohttp answers pings for bob
-        mute = Ws(await http.ws_connect(node.ws_url, autoping=False))  # pings go unanswered
-        mute.start()
-        await mute.send({"type": "hello", "token": alice.token})
-        await mute.wait_type("welcome")
+    async with one_node.chat({"CHATD_LIMITS__HEARTBEAT_S": "1"}, clean_logs=False) as chat:
+        alice, bob = await chat.api.users(2)
+        room = await chat.api.group(alice, [bob])
+        bob_ws = await chat.connect(bob)  # aiohttp answers pings for bob
+        mute = await chat.connect(alice, autoping=False)  # pings go unanswered
         await bob_ws.wait_type("presence", user_id=alice.user_id, online=True)
         t0 = time.monotonic()
 
@@ -674,24 +539,22 @@ async def test_a_peer_that_stops_answering_pings_is_dropped_and_goes_offline(
         # Pinged after 0.75-1 heartbeat of silence, dropped half a heartbeat later at the
         # next sweep (every quarter heartbeat): 1.25-1.75 heartbeats (chatd/heartbeat.py).
         assert dropped_after < 5, dropped_after
-        assert await metric(http, node.url, "chatd_heartbeat_drops_total") == 1
+        assert await metric(chat.http, chat.node.url, "chatd_heartbeat_drops_total") == 1
         await bob_ws.wait_type("presence", user_id=alice.user_id, online=False, timeout=10)
 
         await asyncio.sleep(max(0.0, 3.5 - (time.monotonic() - t0)))  # 3+ heartbeats
         assert bob_ws.closed_code is None
         ack = await bob_ws.send_message(room, "still here")
         assert ack["type"] == "ack", ack
-        await bob_ws.close()
 
 
 async def test_client_pings_are_answered_before_hello_and_after_welcome(
-        valkey: ValkeyProcess, chatd_nodes: ChatdNodes) -> None:
+        one_node: OneNode) -> None:
     """RFC 6455 5.5.2: a ping gets a pong with its payload. chatd answers pings itself
     (autoping off, chatd/heartbeat.py), while it waits for hello and once live."""
-    node = await start_node(chatd_nodes, valkey)
-    async with aiohttp.ClientSession() as http:
-        alice = await Api(http, node.url).register()
-        ws = await http.ws_connect(node.ws_url, autoping=False)
+    async with one_node.chat(clean_logs=False) as chat:
+        alice = await chat.api.register()
+        ws = await chat.http.ws_connect(chat.node.ws_url, autoping=False)
         try:
             await ws.ping(b"before-hello")
             msg = await ws.receive(timeout=5)
