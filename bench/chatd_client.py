@@ -36,7 +36,6 @@ _encode = msgspec.json.Encoder().encode
 class ChatdClient(BaseClient):
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self.pending: dict[str, tuple[int, int]] = {}  # request id -> (step, sent_ns)
         self.reported: dict[str, int] = {}  # room -> delivered seq already reported
 
     def url(self) -> str:
@@ -85,15 +84,6 @@ class ChatdClient(BaseClient):
         self.rec.sent_one(step, intended_ns, now)
         self.send_frame(_encode({"type": "send", "id": rid, "room_id": room,
                                  "client_msg_id": rid, "body": body}))
-
-    def in_flight(self) -> int:
-        return len(self.pending)
-
-    def on_down(self) -> None:
-        # No ack will come: the outcome is unknown, so these sends are not expected anywhere.
-        for _ in range(len(self.pending)):
-            self.rec.fail("closed_before_ack")
-        self.pending.clear()
 
     async def report_delivered(self) -> None:
         """Cumulative `delivered` receipts for rooms that advanced (--receipts-ms)."""

@@ -32,6 +32,8 @@ class BaseClient:
         self.up = False
         self.stopping = False
         self.n = 0  # messages this connection sent
+        # Sends not answered yet: request id -> (step, sent_ns, whatever the protocol adds).
+        self.pending: dict[str | int, tuple[int, ...]] = {}
         self._ready: asyncio.Future[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._reconnecting = False
@@ -52,14 +54,17 @@ class BaseClient:
     async def send(self, step: int, intended_ns: int) -> None:
         raise NotImplementedError
 
-    def on_down(self) -> None:
-        """The connection closed: sends without a reply will never get one."""
+    # --- lifecycle --------------------------------------------------------------
 
     def in_flight(self) -> int:
-        """Sends not answered yet."""
-        return 0
+        return len(self.pending)
 
-    # --- lifecycle --------------------------------------------------------------
+    def on_down(self) -> None:
+        """The connection closed: no reply will come, so the outcome of what is pending
+        is unknown and it is expected nowhere."""
+        for _ in range(len(self.pending)):
+            self.rec.fail("closed_before_ack")
+        self.pending.clear()
 
     def can_send(self) -> bool:
         """Up and no close under way (a server's close is answered before the socket ends)."""

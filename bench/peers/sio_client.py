@@ -37,7 +37,6 @@ _encode = msgspec.json.Encoder().encode
 class SioClient(BaseClient):
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self.pending: dict[int, tuple[int, int, int]] = {}  # ack id -> (step, sent_ns, n)
         self._ack_ids = 0
 
     def url(self) -> str:
@@ -98,11 +97,3 @@ class SioClient(BaseClient):
         self.rec.sent_one(step, intended_ns, now)
         packet = _encode(["send", {"room": room, "body": body}]).decode()
         self.send_frame(f"42{self._ack_ids}{packet}")
-
-    def in_flight(self) -> int:
-        return len(self.pending)
-
-    def on_down(self) -> None:
-        for _ in range(len(self.pending)):
-            self.rec.fail("closed_before_ack")
-        self.pending.clear()
