@@ -11,6 +11,7 @@ import contextlib
 import itertools
 import json
 import secrets
+import time
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -82,6 +83,11 @@ class Api:
         """`count` fresh users, registered and logged in."""
         return [await self.register() for _ in range(count)]
 
+    async def group_of(self, count: int, name: str = "room") -> tuple[list[User], str]:
+        """`count` fresh users and a group room the first of them made with the others."""
+        users = await self.users(count)
+        return users, await self.group(users[0], users[1:], name)
+
     async def register(self, username: str | None = None) -> User:
         name = username or f"u{next(_ids)}_{secrets.token_hex(3)}"
         status, body = await self.call("POST", "/api/v1/register",
@@ -106,6 +112,15 @@ class Api:
             "kind": "direct", "members": [b.user_id]})
         assert status in (200, 201), (status, body)
         return str(body["room_id"])
+
+    async def logout(self, user: User, *conns: Ws) -> tuple[list[int | None], float]:
+        """Log `user` out; the close codes of `conns` (each waited for up to 2.5 s) and the
+        seconds from the request until the last of them closed."""
+        started = time.monotonic()
+        status, _ = await self.call("POST", "/api/v1/logout", user=user)
+        assert status == 204
+        codes = await asyncio.gather(*(ws.wait_closed(timeout=2.5) for ws in conns))
+        return list(codes), time.monotonic() - started
 
 
 @dataclass
@@ -222,6 +237,12 @@ async def connect(session: aiohttp.ClientSession, ws_url: str, user: User | None
         if welcome:
             await ws.wait_type("welcome")
     return ws
+
+
+async def connect_all(session: aiohttp.ClientSession,
+                      *on: tuple[ChatdNode, User]) -> list[Ws]:
+    """`connect` each (node, user), one after the other; the connections in that order."""
+    return [await connect(session, node.ws_url, user) for node, user in on]
 
 
 class Chat:

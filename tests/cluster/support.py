@@ -1,11 +1,12 @@
-"""Helpers shared by the cluster and scale-out tests: which master serves a room,
-sends retried until acked, and connections that resume after a 4009."""
+"""Helpers shared by the cluster, scale-out and multi-node tests: which master serves a
+room, sends retried until acked, and connections that resume after a 4009."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import aiohttp
@@ -82,6 +83,15 @@ class Member:
 
     async def close(self) -> None:
         await self.ws.close()
+
+
+async def keep_resuming(members: Sequence[Member]) -> None:
+    """Until cancelled, every 50 ms: `check` each member (resume after a 4009); any other
+    close ends the task with the failed assertion."""
+    while True:
+        for m in members:
+            await m.check()
+        await asyncio.sleep(0.05)
 
 
 async def send_until_acked(member: Member, room: str, cmid: str, *, within_s: float = 30.0,

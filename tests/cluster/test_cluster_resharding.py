@@ -30,6 +30,7 @@ from tests.cluster.support import (
     PARTITIONS,
     Member,
     history,
+    keep_resuming,
     room_master,
     room_slot,
     send_until_acked,
@@ -76,10 +77,7 @@ async def test_moving_a_busy_partition_loses_and_reorders_nothing(
     cluster = await make_valkey_cluster()
     a, b = await chatd_nodes.start(2, redis_cluster=cluster, env=FAST_ENV | LOAD_ENV)
     async with aiohttp.ClientSession() as http:
-        api = Api(http, a.url)
-        s1, s2 = await api.register(), await api.register()
-        readers = [await api.register() for _ in range(3)]
-        room = await api.group(s1, [s2, *readers], name="moving")
+        (s1, s2, *readers), room = await Api(http, a.url).group_of(5, name="moving")
         slot = await room_slot(cluster, room)
         source = await room_master(cluster, room)
         target = next(p for p in await cluster.masters() if p != source)
@@ -104,17 +102,11 @@ async def test_moving_a_busy_partition_loses_and_reorders_nothing(
                 acks[cmid] = ack["seq"]
                 await asyncio.sleep(0.005)
 
-        async def watch() -> None:
-            while True:
-                for m in members:
-                    await m.check()
-                await asyncio.sleep(0.05)
-
         async def move() -> tuple[int, float]:
             await asyncio.sleep(0.3)
             return await migrate_slot(cluster, slot, source, target)
 
-        watcher = asyncio.create_task(watch())
+        watcher = asyncio.create_task(keep_resuming(members))
         try:
             _, _, (moved, took) = await asyncio.gather(stream(0), stream(1), move())
             assert await room_master(cluster, room) == target

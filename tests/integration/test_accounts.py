@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +21,11 @@ from itsdangerous import TimestampSigner, URLSafeTimedSerializer
 from chatd import config, keys
 from chatd.app import create_app
 from chatd.auth import TOKEN_SALT
+from tests.client import PASSWORD, User
 from tests.harness import ValkeyProcess
 
 Client = TestClient[web.Request, web.Application]
 MakeClient = Callable[..., Awaitable[Client]]
-PASSWORD = "correct horse battery"
 
 CHEAP_AUTH = {"auth.argon2_memory_kib": 1024, "auth.argon2_time_cost": 1,
               "auth.argon2_parallelism": 1, "auth.login_burst": 100_000,
@@ -58,18 +57,6 @@ async def client_fixture(make_client: MakeClient) -> Client:
     return await make_client()
 
 
-@dataclass
-class User:
-    user_id: str
-    username: str
-    token: str
-    session_id: str
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token}"}
-
-
 async def call(client: Client, method: str, path: str, body: Any = None,
                token: str | None = None, **kwargs: Any) -> tuple[int, Any]:
     """(status, decoded JSON body or None) of one API call."""
@@ -93,7 +80,7 @@ async def new_user(client: Client, name: str, password: str = PASSWORD) -> User:
 async def login(client: Client, name: str, password: str = PASSWORD) -> User:
     status, body = await call(client, "POST", "/login", {"username": name, "password": password})
     assert status == 200, body
-    return User(body["user_id"], body["username"], body["token"], body["session_id"])
+    return User(body["username"], body["user_id"], body["token"], body["session_id"])
 
 
 def error_code(body: Any) -> str:

@@ -25,9 +25,7 @@ async def test_a_node_that_fell_behind_delivers_every_batched_frame_in_order(
     sender_node, behind = await chatd_nodes.start(2, **redis_backend.chatd_args, env=FAST_ENV | {
         "CHATD_LIMITS__SEND_RATE_PER_S": "1000", "CHATD_LIMITS__SEND_BURST": "1000"})
     async with aiohttp.ClientSession() as http:
-        api = Api(http, sender_node.url)
-        alice, bob, carol = await api.register(), await api.register(), await api.register()
-        room = await api.group(alice, [bob, carol])
+        (alice, bob, carol), room = await Api(http, sender_node.url).group_of(3)
         sender = await connect(http, sender_node.ws_url, alice)
         readers = [await connect(http, behind.ws_url, user) for user in (bob, carol, bob)]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import aiohttp
 
-from tests.client import FAST_ENV, Api, connect
+from tests.client import FAST_ENV, Api, connect_all
 from tests.conftest import RedisBackend
 from tests.harness import ChatdNodes
 
@@ -15,13 +15,10 @@ async def test_group_message_reaches_every_connection_on_every_node(
     a, b, c = await chatd_nodes.start(3, **redis_backend.chatd_args, env=FAST_ENV)
     async with aiohttp.ClientSession() as http:
         api = Api(http, a.url)
-        alice, bob, carol = [await api.register() for _ in range(3)]
-        room = await api.group(alice, [bob, carol])
+        (alice, bob, carol), room = await api.group_of(3)
         direct = await api.direct(alice, bob)
-        sender = await connect(http, a.ws_url, alice)
-        sender_other = await connect(http, c.ws_url, alice)
-        on_b = await connect(http, b.ws_url, bob)
-        on_c = await connect(http, c.ws_url, carol)
+        sender, sender_other, on_b, on_c = await connect_all(
+            http, (a, alice), (c, alice), (b, bob), (c, carol))
 
         ack = await sender.send_message(room, "hello group")
         assert ack["type"] == "ack" and ack["seq"] == 1 and ack["duplicate"] is False

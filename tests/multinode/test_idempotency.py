@@ -13,7 +13,7 @@ import secrets
 
 import aiohttp
 
-from tests.client import FAST_ENV, Api, connect
+from tests.client import FAST_ENV, Api, connect_all
 from tests.conftest import RedisBackend
 from tests.harness import ChatdNodes
 
@@ -26,11 +26,8 @@ async def test_same_client_msg_id_on_two_nodes_is_stored_once(
         "CHATD_LIMITS__SEND_RATE_PER_S": "1000", "CHATD_LIMITS__SEND_BURST": "1000"})
     async with aiohttp.ClientSession() as http:
         api = Api(http, a.url)
-        alice, bob = await api.register(), await api.register()
-        room = await api.group(alice, [bob])
-        on_a = await connect(http, a.ws_url, alice)
-        on_b = await connect(http, b.ws_url, alice)
-        bob_c = await connect(http, c.ws_url, bob)
+        (alice, bob), room = await api.group_of(2)
+        on_a, on_b, bob_c = await connect_all(http, (a, alice), (b, alice), (c, bob))
 
         # Several rounds, so that the race between the two nodes really happens
         # in both directions; each round is one client_msg_id sent on both at once.
@@ -90,11 +87,8 @@ async def test_retry_of_an_unconfirmed_send_is_not_acked_before_replicas_confirm
     a, b = await chatd_nodes.start(2, **redis_backend.chatd_args, env=FAST_ENV | {
         "CHATD_DURABILITY__REPLICAS": "1", "CHATD_DURABILITY__WAIT_TIMEOUT_MS": "100"})
     async with aiohttp.ClientSession() as http:
-        api = Api(http, a.url)
-        alice, bob = await api.register(), await api.register()
-        room = await api.group(alice, [bob])
-        alice_a = await connect(http, a.ws_url, alice)
-        alice_b = await connect(http, b.ws_url, alice)
+        (alice, _bob), room = await Api(http, a.url).group_of(2)
+        alice_a, alice_b = await connect_all(http, (a, alice), (b, alice))
         first = await alice_a.send_message(room, "needs a replica", client_msg_id="durable-1")
         assert first["type"] == "error" and first["code"] == "unavailable", first
         for ws in (alice_a, alice_b):  # on the same node and on another one

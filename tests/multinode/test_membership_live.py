@@ -12,7 +12,7 @@ from typing import Any
 
 import aiohttp
 
-from tests.client import FAST_ENV, Api, Ws, connect
+from tests.client import FAST_ENV, Api, Ws, connect_all
 from tests.conftest import RedisBackend
 from tests.harness import ChatdNodes
 
@@ -52,14 +52,13 @@ async def test_added_member_receives_live_and_removed_member_is_cut_off(
     a, b, c = await chatd_nodes.start(3, **redis_backend.chatd_args, env=ENV)
     async with aiohttp.ClientSession() as http:
         api = Api(http, a.url)
-        owner, bob, dave = [await api.register() for _ in range(3)]
+        owner, bob, dave = await api.users(3)
         room = await api.group(owner, [bob], name="live membership")
         other = await api.group(owner, [dave], name="dave's other room")
 
-        owner_a = await connect(http, a.ws_url, owner)
-        bob_b = await connect(http, b.ws_url, bob)
-        dave_c = await connect(http, c.ws_url, dave)  # not in `room` yet
-        dave_b = await connect(http, b.ws_url, dave)  # a second device, on bob's node
+        # dave is not in `room` yet; his second device is on bob's node.
+        owner_a, bob_b, dave_c, dave_b = await connect_all(
+            http, (a, owner), (b, bob), (c, dave), (b, dave))
         for n in range(3):
             assert (await owner_a.send_message(room, f"before {n}"))["type"] == "ack"
         await bob_b.wait_messages(room, 3)
@@ -146,11 +145,10 @@ async def test_membership_changes_in_a_busy_room_keep_the_order(
         "CHATD_LIMITS__FRAME_RATE_PER_S": "100000", "CHATD_LIMITS__FRAME_BURST": "100000"})
     async with aiohttp.ClientSession() as http:
         api = Api(http, a.url)
-        owner, bob, dave = [await api.register() for _ in range(3)]
+        owner, bob, dave = await api.users(3)
         room = await api.group(owner, [bob], name="busy")
-        owner_a = await connect(http, a.ws_url, owner)
-        bob_b = await connect(http, b.ws_url, bob)
-        daves = [await connect(http, c.ws_url, dave), await connect(http, a.ws_url, dave)]
+        owner_a, bob_b, *daves = await connect_all(
+            http, (a, owner), (b, bob), (c, dave), (a, dave))
         acked: list[int] = []
         sent_at: list[tuple[float, int]] = []  # (when the send was issued, its seq)
         streaming = True

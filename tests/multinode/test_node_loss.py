@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 
 from chatd import keys
-from tests.client import FAST_ENV, Api, Ws, connect
+from tests.client import FAST_ENV, Api, Ws, connect, connect_all
 from tests.conftest import RedisBackend
 from tests.harness import ChatdNodes
 
@@ -68,8 +68,7 @@ async def test_killed_node_is_cleaned_up_and_its_clients_resume_elsewhere(
 async def _scenario(http: aiohttp.ClientSession, redis: Any, a: Any, b: Any,
                     victim: Any) -> None:
     api = Api(http, a.url)
-    alice, bob, carol, dave, erin = [await api.register() for _ in range(5)]
-    room = await api.group(alice, [bob, carol, dave, erin], name="survivors")
+    (alice, bob, carol, dave, erin), room = await api.group_of(5, name="survivors")
     p = keys.partition_of(room, PARTITIONS)
 
     alice_a = await connect(http, a.ws_url, alice)
@@ -185,11 +184,8 @@ async def test_node_presumed_dead_comes_back_and_loses_nothing(
     redis = await redis_backend.client(decode_responses=True)
     try:
         async with aiohttp.ClientSession() as http:
-            api = Api(http, a.url)
-            alice, bob = await api.register(), await api.register()
-            room = await api.group(bob, [alice])
-            bob_a = await connect(http, a.ws_url, bob)
-            alice_f = await connect(http, frozen.ws_url, alice)
+            (bob, alice), room = await Api(http, a.url).group_of(2)
+            bob_a, alice_f = await connect_all(http, (a, bob), (frozen, alice))
             await bob_a.wait_type("presence", user_id=alice.user_id, online=True)
             assert (await bob_a.send_message(room, "before"))["seq"] == 1
             await alice_f.wait_messages(room, 1)

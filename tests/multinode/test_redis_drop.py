@@ -19,7 +19,8 @@ import aiohttp
 import pytest
 
 from chatd import keys, scripts
-from tests.client import FAST_ENV, Api, User, Ws, connect, metric
+from tests.client import FAST_ENV, Api, User, Ws, connect_all, metric
+from tests.cluster.support import Member, keep_resuming
 from tests.harness import ChatdNodes, ValkeyProcess
 
 PARTITIONS = 16
@@ -29,39 +30,13 @@ ENV = FAST_ENV | {"CHATD_LIMITS__SEND_RATE_PER_S": "100000", "CHATD_LIMITS__SEND
                   "CHATD_LIMITS__FRAME_RATE_PER_S": "100000", "CHATD_LIMITS__FRAME_BURST": "100000"}
 
 
-class Member:
-    """A member's connection that resumes (hello + resume) if the server closes it with
-    4009, which the protocol allows instead of a gap; any other close fails the test."""
-
-    def __init__(self, http: aiohttp.ClientSession, ws_url: str, user: User, room: str) -> None:
-        self.http, self.ws_url, self.user, self.room = http, ws_url, user, room
-        self.conns: list[Ws] = []
-        self.resumes = 0
-
-    async def open(self) -> None:
-        resume = {self.room: self.seqs()[-1] if self.seqs() else 0} if self.conns else None
-        self.conns.append(await connect(self.http, self.ws_url, self.user, resume=resume))
-
-    def seqs(self) -> list[int]:
-        return [m["seq"] for ws in self.conns for m in ws.messages(self.room)]
-
-    async def check(self) -> None:
-        ws = self.conns[-1]
-        if ws.closed_code is not None:
-            assert ws.closed_code == 4009, f"closed with {ws.closed_code}"
-            self.resumes += 1
-            await self.open()
-
-    async def close(self) -> None:
-        await self.conns[-1].close()
-
-
-async def send_until_acked(sender: Member, cmid: str, stats: dict[str, int]) -> dict[str, Any]:
+async def send_until_acked(sender: Member, room: str, cmid: str,
+                           stats: dict[str, int]) -> dict[str, Any]:
     for attempt in range(50):
         await sender.check()  # reopened (resume) if the server closed it with 4009
-        ws, rid = sender.conns[-1], f"{cmid}.{attempt}"
+        ws, rid = sender.ws, f"{cmid}.{attempt}"
         try:
-            await ws.send({"type": "send", "id": rid, "room_id": sender.room,
+            await ws.send({"type": "send", "id": rid, "room_id": room,
                            "client_msg_id": cmid, "body": cmid})
             reply = await ws.wait_for(lambda f, rid=rid: f.get("id") == rid, timeout=15)
         except (AssertionError, ConnectionError):
@@ -83,11 +58,9 @@ async def test_acked_messages_survive_redis_connection_kills(
     try:
         async with aiohttp.ClientSession() as http:
             api = Api(http, nodes[0].url)
-            sender = await api.register()
-            users = [await api.register() for _ in range(6)]
-            room = await api.group(sender, users, name="drops")
-            sender_m = Member(http, nodes[0].ws_url, sender, room)
-            members = [Member(http, nodes[i % 3].ws_url, u, room) for i, u in enumerate(users)]
+            (sender, *users), room = await api.group_of(7, name="drops")
+            sender_m = Member(http, nodes[0].ws_url, sender, [room])
+            members = [Member(http, nodes[i % 3].ws_url, u, [room]) for i, u in enumerate(users)]
             for m in (sender_m, *members):
                 await m.open()
 
@@ -97,7 +70,7 @@ async def test_acked_messages_survive_redis_connection_kills(
             async def stream() -> None:
                 for k in range(COUNT):
                     cmid = f"m{k:04d}"
-                    ack = await send_until_acked(sender_m, cmid, stats)
+                    ack = await send_until_acked(sender_m, room, cmid, stats)
                     stats["acked as duplicate"] += ack["duplicate"]
                     acks[cmid] = ack["seq"]
                     await asyncio.sleep(0.01)
@@ -110,14 +83,8 @@ async def test_acked_messages_survive_redis_connection_kills(
                     killed.append(await admin.execute_command("CLIENT", "KILL", "TYPE", "normal"))
                     await asyncio.sleep(0.5)
 
-            async def watch() -> None:
-                while True:
-                    for m in members:
-                        await m.check()
-                    await asyncio.sleep(0.05)
-
             started = time.monotonic()
-            watcher = asyncio.create_task(watch())
+            watcher = asyncio.create_task(keep_resuming(members))
             try:
                 await asyncio.gather(stream(), chaos())
                 elapsed = time.monotonic() - started
@@ -126,9 +93,9 @@ async def test_acked_messages_survive_redis_connection_kills(
                 assert [acks[f"m{k:04d}"] for k in range(COUNT)] == list(range(1, COUNT + 1))
                 deadline = time.monotonic() + 20
                 everyone = (sender_m, *members)
-                while not all(len(m.seqs()) >= COUNT for m in everyone):
+                while not all(len(m.seqs(room)) >= COUNT for m in everyone):
                     assert not watcher.done(), watcher.result()  # a close other than 4009
-                    assert time.monotonic() < deadline, [len(m.seqs()) for m in everyone]
+                    assert time.monotonic() < deadline, [len(m.seqs(room)) for m in everyone]
                     await asyncio.sleep(0.05)
                 await asyncio.sleep(0.5)
                 assert not watcher.done(), watcher.result()
@@ -138,8 +105,8 @@ async def test_acked_messages_survive_redis_connection_kills(
 
             expected = sorted(acks.values())
             for m in members:
-                assert m.seqs() == expected, (m.user.username, m.resumes)
-            assert sender_m.seqs() == expected  # the sending connection sees every seq too
+                assert m.seqs(room) == expected, (m.user.username, m.resumes)
+            assert sender_m.seqs(room) == expected  # the sending connection sees every seq too
             # The log itself: one message per client_msg_id, in send order.
             status, page = await api.call("GET", f"/api/v1/rooms/{room}/messages?after_seq=0"
                                           "&limit=200", user=users[0])
@@ -198,54 +165,47 @@ async def _write_and_kill_reader(admin: Any, write: Any) -> bool:
 async def test_entry_delivered_when_the_reader_connection_dies_with_its_reply(
         valkey: ValkeyProcess, chatd_nodes: ChatdNodes, entry: str) -> None:
     (node,) = await chatd_nodes.start(1, redis_url=valkey, env=ENV)
-    admin = valkey.client()
-    try:
-        async with aiohttp.ClientSession() as http:
-            api = Api(http, node.url)
-            alice, bob = await api.register(), await api.register()
-            room = await api.group(alice, [bob])
-            bob_ws = await connect(http, node.ws_url, bob)
-            alice_ws = await connect(http, node.ws_url, alice)
-            assert (await alice_ws.send_message(room, "warm up"))["seq"] == 1
-            await bob_ws.wait_messages(room, 1)
-            p = keys.partition_of(room, PARTITIONS)
+    async with valkey.client() as admin, aiohttp.ClientSession() as http:
+        (alice, bob), room = await Api(http, node.url).group_of(2)
+        bob_ws, alice_ws = await connect_all(http, (node, bob), (node, alice))
+        assert (await alice_ws.send_message(room, "warm up"))["seq"] == 1
+        await bob_ws.wait_messages(room, 1)
+        p = keys.partition_of(room, PARTITIONS)
 
-            if entry == "message":
-                # What any node's send does (messages.send): one script, stored and fanned out.
-                source = scripts.sources()["send_message"]
+        if entry == "message":
+            # What any node's send does (messages.send): one script, stored and fanned out.
+            source = scripts.sources()["send_message"]
 
-                def write(pipe: Any) -> None:
-                    pipe.eval(source, 6, keys.room(p, room), keys.room_members(p, room),
-                              keys.room_log(p, room), keys.room_nodes(p, room),
-                              keys.inbox_prefix(keys.inbox_partition(p, cluster=False)),
-                              keys.idempotency(p, room, alice.user_id, "lost-reply"),
-                              room, alice.user_id, "lost-reply", json.dumps("stored"),
-                              86_400_000, "maxlen", 1_000_000, 100_000)
-            else:
-                # What logout does (auth.logout): delete the session, notify bob's nodes.
-                def write(pipe: Any) -> None:
-                    pipe.delete(keys.session(bob.user_id, bob.session_id))
-                    pipe.xadd(keys.control(node.node_id),
-                              {"k": "x", "u": bob.user_id, "sid": bob.session_id})
+            def write(pipe: Any) -> None:
+                pipe.eval(source, 6, keys.room(p, room), keys.room_members(p, room),
+                          keys.room_log(p, room), keys.room_nodes(p, room),
+                          keys.inbox_prefix(keys.inbox_partition(p, cluster=False)),
+                          keys.idempotency(p, room, alice.user_id, "lost-reply"),
+                          room, alice.user_id, "lost-reply", json.dumps("stored"),
+                          86_400_000, "maxlen", 1_000_000, 100_000)
+        else:
+            # What logout does (auth.logout): delete the session, notify bob's nodes.
+            def write(pipe: Any) -> None:
+                pipe.delete(keys.session(bob.user_id, bob.session_id))
+                pipe.xadd(keys.control(node.node_id),
+                          {"k": "x", "u": bob.user_id, "sid": bob.session_id})
 
-            handed = await metric(http, node.url, "chatd_inbox_entries_total")
-            if not await _write_and_kill_reader(admin, write):
-                pytest.skip("the reader was between two reads: the scenario did not happen")
-            if entry == "message":
-                # Acked and stored as seq 2: every member's open connection must get it.
-                got = await bob_ws.wait_messages(room, 2, timeout=3)
-                assert [m["seq"] for m in got] == [1, 2]
-            else:
-                # The session is revoked: its connection must close with 4001 within 2 s.
-                assert await bob_ws.wait_closed(timeout=2) == 4001
-            # The catch-up reads after the node's own cursor: the lost entry, once,
-            # and nothing handed over before it (at most 2: the warm-up's and the lost).
-            await asyncio.sleep(0.2)
-            assert await metric(http, node.url, "chatd_inbox_entries_total") - handed <= 2
-            await alice_ws.close()
-            await bob_ws.close()
-    finally:
-        await admin.aclose()
+        handed = await metric(http, node.url, "chatd_inbox_entries_total")
+        if not await _write_and_kill_reader(admin, write):
+            pytest.skip("the reader was between two reads: the scenario did not happen")
+        if entry == "message":
+            # Acked and stored as seq 2: every member's open connection must get it.
+            got = await bob_ws.wait_messages(room, 2, timeout=3)
+            assert [m["seq"] for m in got] == [1, 2]
+        else:
+            # The session is revoked: its connection must close with 4001 within 2 s.
+            assert await bob_ws.wait_closed(timeout=2) == 4001
+        # The catch-up reads after the node's own cursor: the lost entry, once,
+        # and nothing handed over before it (at most 2: the warm-up's and the lost).
+        await asyncio.sleep(0.2)
+        assert await metric(http, node.url, "chatd_inbox_entries_total") - handed <= 2
+        await alice_ws.close()
+        await bob_ws.close()
 
 
 # --- a connection that closes while Redis is down ----------------------------------------
@@ -257,11 +217,8 @@ async def _close_during_outage(valkey: ValkeyProcess, chatd_nodes: ChatdNodes,
     connection closes, Valkey comes back. Returns (a, b, alice, room, bob's connection)."""
     a, b = await chatd_nodes.start(2, redis_url=valkey, env=ENV)
     chatd_nodes.report_log_problems = False  # the outage is on purpose
-    api = Api(http, a.url)
-    alice, bob = await api.register(), await api.register()
-    room = await api.group(alice, [bob])
-    bob_b = await connect(http, b.ws_url, bob)
-    alice_a = await connect(http, a.ws_url, alice)
+    (alice, bob), room = await Api(http, a.url).group_of(2)
+    bob_b, alice_a = await connect_all(http, (b, bob), (a, alice))
     await bob_b.wait_type("presence", user_id=alice.user_id, online=True)
     await valkey.stop()
     await alice_a.close()

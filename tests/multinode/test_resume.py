@@ -10,7 +10,7 @@ import time
 
 import aiohttp
 
-from tests.client import FAST_ENV, Api, Ws, connect
+from tests.client import FAST_ENV, Api, Ws, connect, connect_all
 from tests.conftest import RedisBackend
 from tests.harness import ChatdNodes
 
@@ -45,15 +45,12 @@ async def test_resume_on_another_node_gets_exactly_the_missed_messages_then_live
     a, b, c = await chatd_nodes.start(3, **redis_backend.chatd_args, env=ENV)
     async with aiohttp.ClientSession() as http:
         api = Api(http, a.url)
-        alice, bob, carol = [await api.register() for _ in range(3)]
-        room = await api.group(alice, [bob, carol], name="resumed")
+        (alice, bob, carol), room = await api.group_of(3, name="resumed")
         long_room = await api.group(bob, [alice, carol], name="resumed from zero")
         live_room = await api.group(alice, [bob, carol], name="live only")
         foreign = await api.group(alice, [bob], name="not carol's")
 
-        alice_b = await connect(http, b.ws_url, alice)
-        bob_c = await connect(http, c.ws_url, bob)
-        carol_a = await connect(http, a.ws_url, carol)
+        alice_b, bob_c, carol_a = await connect_all(http, (b, alice), (c, bob), (a, carol))
 
         assert await send_acked(alice_b, room, "before", 5) == [1, 2, 3, 4, 5]
         await send_acked(alice_b, live_room, "live-before", 3)
@@ -123,9 +120,7 @@ async def test_welcome_is_the_first_frame_even_in_a_busy_room(
     queued during the hello used to go out before the welcome)."""
     a, b = await chatd_nodes.start(2, **redis_backend.chatd_args, env=ENV)
     async with aiohttp.ClientSession() as http:
-        api = Api(http, a.url)
-        alice, bob = await api.register(), await api.register()
-        room = await api.group(alice, [bob])
+        (alice, bob), room = await Api(http, a.url).group_of(2)
         bob_a = await connect(http, a.ws_url, bob)
         assert await send_acked(bob_a, room, "x", 3) == [1, 2, 3]
         await bob_a.close()

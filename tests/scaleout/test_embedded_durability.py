@@ -73,10 +73,7 @@ async def test_acked_messages_survive_sigkill_of_the_embedded_valkey(
         assert (await r.config_get("appendfsync"))["appendfsync"] == appendfsync
         assert (await r.config_get("appendonly"))["appendonly"] == "yes"
     async with aiohttp.ClientSession() as http:
-        api = Api(http, node.url)
-        alice = await api.register()
-        readers = [await api.register() for _ in range(2)]
-        room = await api.group(alice, readers, name="durable")
+        (alice, *readers), room = await Api(http, node.url).group_of(3, name="durable")
         sender = await connect(http, node.ws_url, alice)
         reader_ws = [await connect(http, node.ws_url, u) for u in readers]
         acks: dict[str, int] = {}

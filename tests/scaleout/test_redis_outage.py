@@ -102,9 +102,7 @@ async def test_redis_outage_under_traffic(valkey: ValkeyProcess, chatd_nodes: Ch
     down, up = (stop_redis if how == "stopped" else freeze_redis)(valkey)
     async with aiohttp.ClientSession() as http:
         api = Api(http, a.url)
-        alice = await api.register()
-        readers = [await api.register() for _ in range(3)]
-        room = await api.group(alice, readers, name="outage")
+        (alice, *readers), room = await api.group_of(4, name="outage")
         sender = await connect(http, a.ws_url, alice)
         reader_ws = [await connect(http, (a, b)[i % 2].ws_url, u)
                      for i, u in enumerate(readers)]
