@@ -53,6 +53,7 @@ class Principal:
     user_id: str
     username: str
     session_id: str
+    expires_at: int  # the session's end, ms since the Unix epoch (Redis's clock)
 
 
 @dataclass(frozen=True)
@@ -189,10 +190,11 @@ async def verify_token(node: Node, token: str) -> Principal:
             and all(isinstance(x, str) and keys.is_valid_id(x) for x in payload)):
         raise ChatError("unauthorized", "invalid token")
     user_id, session_id = payload
-    username = await node.redis.cmd.hget(keys.session(user_id, session_id), "username")
-    if username is None:
+    username, expires_at = await node.redis.cmd.hmget(keys.session(user_id, session_id),
+                                                      ["username", "expires_at"])
+    if username is None or expires_at is None:
         raise ChatError("unauthorized", "session expired or revoked")
-    return Principal(user_id, str(username), session_id)
+    return Principal(user_id, str(username), session_id, int(expires_at))
 
 
 def bearer_token(request: web.Request) -> str | None:

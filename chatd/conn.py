@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 
 from aiohttp import web
@@ -83,13 +84,14 @@ class WriteBatch:
 class Conn:
     __slots__ = ("_batch", "_cork", "_high_water", "_out", "_room_waiter", "_started",
                  "_task", "close_code", "cursors", "frames_out", "last_heard", "max_queue",
-                 "ping_sent", "queue", "session_id", "user_id", "ws")
+                 "ping_sent", "queue", "session_ends", "session_id", "user_id", "ws")
 
     def __init__(self, ws: web.WebSocketResponse, out: AbstractStreamWriter, user_id: str,
                  session_id: str, max_queue: int, frames_out: Tally | None = None,
-                 batch: WriteBatch | None = None) -> None:
+                 batch: WriteBatch | None = None, session_ends: float = math.inf) -> None:
         """`out` is what `ws.prepare()` returned: the socket's transport and its drain.
-        `batch` is the node's: while it is open, writes are coalesced."""
+        `batch` is the node's: while it is open, writes are coalesced. `session_ends`
+        is when the session expires, on time.monotonic()'s clock."""
         self.ws = ws
         self._out = out
         self._batch = batch
@@ -98,6 +100,7 @@ class Conn:
         self._high_water = transport.get_write_buffer_limits()[1] if transport else 0
         self.user_id = user_id
         self.session_id = session_id
+        self.session_ends = session_ends
         self.max_queue = max_queue
         self.cursors: dict[str, Cursor] = {}
         # A list, not a deque: empty it costs 56 bytes instead of 760 on every idle

@@ -10,6 +10,9 @@ least every `heartbeat_s` (what keeps it open through a proxy's read
 timeout), and drops one that has not answered within half a heartbeat, as
 aiohttp did: a client that stopped answering is gone 1.25-1.75 heartbeats
 after its last frame.
+
+The same sweep closes a connection whose session has expired (4001, as a
+logout does): expiry is otherwise only checked at `hello` and on HTTP calls.
 """
 
 from __future__ import annotations
@@ -21,17 +24,20 @@ from chatd.conn import Conn
 from chatd.fanout import Fanout
 from chatd.loops import Loop
 from chatd.node import Node
-from chatd.protocol import PING_FRAME
+from chatd.protocol import CLOSE_UNAUTHORIZED, PING_FRAME
 
 SWEEPS_PER_HEARTBEAT = 4
 
 
 def sweep(conns: Iterable[Conn], now: float, heartbeat_s: float) -> int:
-    """Ping the silent connections, drop the unanswering ones; returns how many dropped."""
+    """Ping the silent connections, drop the unanswering ones, close those whose session
+    expired; returns how many were dropped."""
     ping_after_s = heartbeat_s - heartbeat_s / SWEEPS_PER_HEARTBEAT
     dropped = 0
     for conn in conns:
-        if conn.ping_sent > conn.last_heard:  # a ping is out, nothing heard since
+        if now >= conn.session_ends:
+            conn.close(CLOSE_UNAUTHORIZED)
+        elif conn.ping_sent > conn.last_heard:  # a ping is out, nothing heard since
             if now - conn.ping_sent >= heartbeat_s / 2:
                 conn.drop()
                 dropped += 1

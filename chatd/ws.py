@@ -101,8 +101,11 @@ async def _open(request: web.Request, ws: web.WebSocketResponse, out: AbstractSt
         await _refuse(ws, e, hello.id)
         return None
     fanout = request.app[FANOUT]
+    # The heartbeat sweep closes the connection when its session expires.
+    session_ends = time.monotonic() + principal.expires_at / 1000 - time.time()
     conn = Conn(ws, out, principal.user_id, principal.session_id,
-                node.settings.limits.send_queue_max, node.metrics.frames_out, fanout.batch)
+                node.settings.limits.send_queue_max, node.metrics.frames_out, fanout.batch,
+                session_ends)
     first = fanout.add_conn(conn)
     try:
         await presence.opened(node, conn.user_id, first)

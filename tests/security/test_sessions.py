@@ -13,6 +13,8 @@ already cover is not repeated. Here:
   header, and over HTTP; an expired or payload-swapped token signed with the configured
   secret too;
 * a session whose Redis record expired: refused at once everywhere;
+* a session that expires while connected: the connection is closed with 4001 by the next
+  heartbeat sweep, another session of the same user stays open;
 * logout on one configured node closes, within 2 s, that session's connections on the
   other configured node, also one authenticated by the upgrade's `Authorization` header,
   and leaves another session of the same user (on the generated-secret node) alone.
@@ -29,7 +31,7 @@ from itsdangerous import TimestampSigner, URLSafeTimedSerializer
 
 from chatd import keys
 from chatd.auth import TOKEN_SALT
-from tests.client import Api, User, Ws, connect
+from tests.client import Api, User, Ws, connect, connect_all
 from tests.harness import ChatdNode, ChatdNodes, ValkeyProcess
 from tests.security.support import (
     BASE_ENV,
@@ -146,6 +148,39 @@ async def test_expired_session_record_is_refused_everywhere(
     for node in (a, b):
         assert_log_clean(node)
     summary("sessions: expired session record", nodes=2, refused_ways=5)
+
+
+async def test_an_open_connection_is_closed_when_its_session_expires(
+        valkey: ValkeyProcess, chatd_nodes: ChatdNodes) -> None:
+    """The heartbeat sweep (4 per `heartbeat_s`, 0.5 s apart here) closes a connection with
+    4001 once its session's `expires_at` has passed; another session of the user stays."""
+    heartbeat_s = 2.0
+    (node,) = await chatd_nodes.start(1, redis_url=valkey, env={
+        **BASE_ENV, "CHATD_LIMITS__HEARTBEAT_S": str(heartbeat_s)})
+    async with aiohttp.ClientSession() as http:
+        api = Api(http, node.url)
+        (alice, _bob), room = await api.group_of(2)
+        other_session = await api.login(alice.username)
+        async with valkey.client() as r:  # the session as it is 1.5 s before its 7 days end
+            ends_ms = int(time.time() * 1000) + 1500
+            key = keys.session(alice.user_id, alice.session_id)
+            await r.hset(key, "expires_at", ends_ms)
+            assert await r.pexpireat(key, ends_ms)
+        expiring, staying = await connect_all(http, (node, alice), (node, other_session))
+        assert (await expiring.send_message(room, "before the end"))["type"] == "ack"
+
+        code = await expiring.wait_closed(timeout=5.0)
+        late_s = time.time() - ends_ms / 1000
+        assert code == CLOSE_UNAUTHORIZED, expiring.frames
+        # The first sweep after the end closes it: one sweep interval, plus the handshake.
+        assert 0 <= late_s < heartbeat_s / 4 + 0.5, f"closed {late_s:.2f}s after the end"
+        await refused_at_hello(http, node, alice.token)
+        ack = await staying.send_message(room, "the other session")
+        assert ack["type"] == "ack" and staying.closed_code is None
+        await staying.close()
+    assert_log_clean(node)
+    summary("sessions: expiry closes open connections", seconds_after_expiry=round(late_s, 3),
+            sweep_interval_s=heartbeat_s / 4)
 
 
 async def test_logout_closes_the_session_on_another_configured_node_within_2s(

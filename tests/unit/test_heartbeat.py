@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, cast
 
 from chatd.conn import Conn
 from chatd.heartbeat import SWEEPS_PER_HEARTBEAT, sweep
-from chatd.protocol import PING_FRAME
+from chatd.protocol import CLOSE_UNAUTHORIZED, PING_FRAME
 
 HEARTBEAT_S = 20.0
 # Silent this long, a connection is pinged: by the next sweep it would be a heartbeat.
@@ -14,12 +15,18 @@ QUIET_S = HEARTBEAT_S - HEARTBEAT_S / SWEEPS_PER_HEARTBEAT
 
 
 class FakeConn:
-    def __init__(self, last_heard: float, ping_sent: float = 0.0, closing: bool = False) -> None:
+    def __init__(self, last_heard: float, ping_sent: float = 0.0, closing: bool = False,
+                 session_ends: float = math.inf) -> None:
         self.last_heard = last_heard
         self.ping_sent = ping_sent
         self.closing = closing
+        self.session_ends = session_ends
         self.written: list[bytes] = []
         self.dropped = False
+        self.closed_with: list[int] = []
+
+    def close(self, code: int) -> None:
+        self.closed_with.append(code)
 
     def control(self, frame: bytes) -> None:
         self.written.append(frame)
@@ -75,3 +82,13 @@ def test_each_connection_is_judged_on_its_own() -> None:
     conns: list[Any] = [fresh, silent, mute]
     assert run(conns, 100.0) == 1
     assert fresh.written == [] and silent.written == [PING_FRAME] and mute.dropped
+
+
+def test_a_connection_whose_session_expired_is_closed_unauthorized_not_pinged() -> None:
+    expired = FakeConn(last_heard=0.0, session_ends=99.0)
+    valid = FakeConn(last_heard=99.5, session_ends=100.5)
+    assert run([expired, valid], now=100.0) == 0
+    assert expired.closed_with == [CLOSE_UNAUTHORIZED] and expired.written == []
+    assert valid.closed_with == [] and not valid.dropped
+    run([expired, valid], now=100.5)  # the second's session ends now
+    assert valid.closed_with == [CLOSE_UNAUTHORIZED]
