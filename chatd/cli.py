@@ -60,8 +60,14 @@ def settings_from(args: argparse.Namespace) -> config.Settings:
 
 
 async def serve(settings: config.Settings) -> None:
+    # aiohttp's keep-alive timer also runs from connect (aiohttp >= 3.14.4) and is not
+    # pushed back by a partial request: a client that sends nothing, or trickles its
+    # headers, holds its socket at most this long. Lingering is how long aiohttp reads
+    # the unread rest of a body after answering, before it closes.
+    request_timeout = settings.server.request_timeout_s
     runner = web.AppRunner(create_app(settings), handle_signals=False,
-                           shutdown_timeout=settings.server.shutdown_timeout_s)
+                           shutdown_timeout=settings.server.shutdown_timeout_s,
+                           keepalive_timeout=request_timeout, lingering_time=request_timeout)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

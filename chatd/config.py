@@ -38,6 +38,7 @@ class ServerSettings:
     data_dir: str = _opt("./data")
     shutdown_timeout_s: float = _opt(10.0, lo=0.1, hi=3600)
     max_http_body_bytes: int = _opt(65536, lo=1024, hi=16 * 1024 * 1024)
+    request_timeout_s: float = _opt(10.0, lo=0.1, hi=3600)
     allowed_origins: tuple[str, ...] = _opt(())
     log_level: str = _opt("info", choices=("debug", "info", "warning", "error"))
     log_format: str = _opt("auto", choices=("auto", "json", "text"))
@@ -205,6 +206,7 @@ def _build(raw: Mapping[str, Mapping[str, Any]]) -> Settings:
     settings = Settings(**built)
     _check_redis(settings.redis)
     return settings
+
 
 
 def _check_redis(redis: RedisSettings) -> None:

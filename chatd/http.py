@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -81,10 +82,17 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     max_size = request.app[NODE].settings.server.max_http_body_bytes
     if request.content_length is not None and request.content_length > max_size:
         raise ChatError("too_large", f"request body is larger than {max_size} bytes")
+    timeout = request.app[NODE].settings.server.request_timeout_s
     try:
-        raw = await request.read()
+        async with asyncio.timeout(timeout):
+            raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise ChatError("too_large", f"request body is larger than {max_size} bytes") from None
+    except TimeoutError:
+        # Answered now; aiohttp then reads what is left of the body for at most
+        # lingering_time (cli.serve) before it closes the connection.
+        raise ChatError("bad_request",
+                        f"request body did not arrive within {timeout:g} s") from None
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):

@@ -1,0 +1,149 @@
+"""Slow HTTP clients cannot hold a node's sockets (`server.request_timeout_s`).
+
+A connection has `server.request_timeout_s` (1 s here) to send a whole request: against
+one real node on loopback, over bare sockets,
+
+* a connection that sends nothing is closed, with no response;
+* a request whose headers trickle in a few bytes at a time (slowloris) is closed before
+  they are complete, however steadily the bytes keep coming;
+* a body that stops short of its `Content-Length` is answered (400 `bad_request` where
+  chatd reads the body, the usual answer where it does not) and the connection closed;
+
+while a WebSocket and a keep-alive HTTP client that do their part are not affected: the
+WebSocket chats on past several timeouts, and HTTP requests on one connection go on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from tests.client import Chat
+from tests.conftest import OneNode
+from tests.harness import ChatdNode
+from tests.security.support import summary
+
+TIMEOUT_S = 1.0
+ENV = {"CHATD_SERVER__REQUEST_TIMEOUT_S": str(TIMEOUT_S)}
+GRACE_S = 4.0  # on top of the timeout, for a loaded CI machine
+
+
+@contextlib.asynccontextmanager
+async def raw_socket(node: ChatdNode) -> AsyncIterator[
+        tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    reader, writer = await asyncio.open_connection(node.host, node.port)
+    try:
+        yield reader, writer
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+async def until_closed(reader: asyncio.StreamReader) -> tuple[bytes, float]:
+    """Everything the server sends until it closes, and how long that took."""
+    start = time.monotonic()
+    data = b""
+    try:
+        async with asyncio.timeout(TIMEOUT_S + GRACE_S):
+            while chunk := await reader.read(65536):
+                data += chunk
+    except ConnectionResetError:
+        pass
+    except TimeoutError:
+        raise AssertionError(
+            f"still open after {TIMEOUT_S + GRACE_S} s; got {data!r}") from None
+    return data, time.monotonic() - start
+
+
+async def test_a_connection_that_sends_nothing_is_closed(one_node: OneNode) -> None:
+    node = await one_node.start(ENV)
+    async with raw_socket(node) as (reader, _):
+        data, elapsed = await until_closed(reader)
+    summary("silent connection", closed_after_s=round(elapsed, 2))
+    assert data == b""
+    assert elapsed >= TIMEOUT_S * 0.9
+
+
+async def test_headers_trickled_in_are_cut_off(one_node: OneNode) -> None:
+    node = await one_node.start(ENV)
+    async with raw_socket(node) as (reader, writer):
+        async def trickle() -> int:
+            sent = 0
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            while True:  # a header that never ends, 4 bytes every 100 ms
+                writer.write(b"X-a:")
+                await writer.drain()
+                sent += 4
+                await asyncio.sleep(0.1)
+
+        task = asyncio.create_task(trickle())
+        try:
+            data, elapsed = await until_closed(reader)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+                await task
+    summary("trickled headers", closed_after_s=round(elapsed, 2))
+    assert data == b""
+    assert elapsed >= TIMEOUT_S * 0.9
+
+
+@pytest.mark.parametrize(("path", "status", "code"), [
+    ("/api/v1/login", 400, "bad_request"),  # reads its body: waits for it, then gives up
+    ("/api/v1/nowhere", 404, "not_found"),  # never reads it: aiohttp lingers for the rest
+])
+async def test_a_body_that_stops_short_is_answered_and_the_connection_closes(
+        one_node: OneNode, path: str, status: int, code: str) -> None:
+    node = await one_node.start(ENV)
+    body = b'{"username": "slow", '
+    async with raw_socket(node) as (reader, writer):
+        writer.write(b"POST %s HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % (path.encode(), len(body) + 100) + body)
+        await writer.drain()
+        data, elapsed = await until_closed(reader)
+    head, _, payload = data.partition(b"\r\n\r\n")
+    summary(f"short body to {path}", closed_after_s=round(elapsed, 2))
+    assert head.startswith(b"HTTP/1.1 %d " % status), data
+    assert json.loads(payload)["error"]["code"] == code
+    if code == "bad_request":
+        assert "did not arrive within 1 s" in json.loads(payload)["error"]["message"]
+        assert elapsed >= TIMEOUT_S * 0.9
+
+
+async def test_clients_that_do_their_part_are_not_cut_off(one_node: OneNode) -> None:
+    async with one_node.chat(ENV) as chat:
+        users, room = await chat.api.group_of(2)
+        alice, bob = await chat.connect(users[0]), await chat.connect(users[1])
+        for i in range(3):
+            await asyncio.sleep(TIMEOUT_S * 1.5)
+            ack = await alice.send_message(room, f"still here {i}")
+            assert ack["type"] == "ack", ack
+            status, _ = await chat.api.call("GET", "/api/v1/me", user=users[1])
+            assert status == 200
+        got = await bob.wait_messages(room, 3)
+        assert [m["body"] for m in got] == [f"still here {i}" for i in range(3)]
+        await _keep_alive_requests(chat)
+
+
+async def _keep_alive_requests(chat: Chat) -> None:
+    """Requests sent back to back on one connection are each answered on it."""
+    async with raw_socket(chat.node) as (reader, writer):
+        for _ in range(3):
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            await writer.drain()
+            status = await reader.readline()
+            assert status.startswith(b"HTTP/1.1 200 "), status
+            length = 0
+            while (line := await reader.readline()) != b"\r\n":
+                name, _, value = line.decode().partition(":")
+                if name.lower() == "content-length":
+                    length = int(value)
+            await reader.readexactly(length)
+            await asyncio.sleep(TIMEOUT_S / 2)
