@@ -8,6 +8,7 @@ validation cannot drift apart. Errors name the key and exit the CLI with code 2.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import tomllib
 import typing
@@ -40,6 +41,7 @@ class ServerSettings:
     max_http_body_bytes: int = _opt(65536, lo=1024, hi=16 * 1024 * 1024)
     request_timeout_s: float = _opt(10.0, lo=0.1, hi=3600)
     allowed_origins: tuple[str, ...] = _opt(())
+    trusted_proxies: tuple[str, ...] = _opt(())
     log_level: str = _opt("info", choices=("debug", "info", "warning", "error"))
     log_format: str = _opt("auto", choices=("auto", "json", "text"))
 
@@ -205,8 +207,17 @@ def _build(raw: Mapping[str, Mapping[str, Any]]) -> Settings:
         built[section] = _build_section(section, cls, values)
     settings = Settings(**built)
     _check_redis(settings.redis)
+    _check_proxies(settings.server)
     return settings
 
+
+def _check_proxies(server: ServerSettings) -> None:
+    for entry in server.trusted_proxies:
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            raise ConfigError(f"server.trusted_proxies: expected an IP address or network "
+                              f"(e.g. 10.0.0.0/8), got {entry!r}") from None
 
 
 def _check_redis(redis: RedisSettings) -> None:

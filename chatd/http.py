@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import ipaddress
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -108,6 +110,48 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     except RecursionError:
         raise ChatError("bad_request", "body is nested too deeply") from None
     return body
+
+
+def client_ip(request: web.Request) -> str:
+    """The address a request comes from, for per-client limits (`server.trusted_proxies`)."""
+    return forwarded_client(request.remote or "unknown",
+                            request.headers.getall(hdrs.X_FORWARDED_FOR, []),
+                            request.app[NODE].settings.server.trusted_proxies)
+
+
+def forwarded_client(peer: str, forwarded_for: list[str], trusted: tuple[str, ...]) -> str:
+    """`peer`, or, while the hop is a trusted proxy, the address it says it got the request
+    from: X-Forwarded-For read from the right. The first untrusted address is the client;
+    what lies left of it was written by that client, so it is never believed. A hop that
+    is not an address ends the walk at the last trusted proxy."""
+    networks = _networks(trusted)
+    hops = ",".join(forwarded_for).split(",")
+    address = peer
+    while _is_trusted(address, networks) and hops:
+        hop = hops.pop().strip()
+        try:
+            address = str(ipaddress.ip_address(hop))
+        except ValueError:
+            break
+    return address
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@functools.cache
+def _networks(trusted: tuple[str, ...]) -> tuple[Network, ...]:
+    return tuple(ipaddress.ip_network(entry, strict=False) for entry in trusted)
+
+
+def _is_trusted(address: str, networks: tuple[Network, ...]) -> bool:
+    if not networks:
+        return False
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)
 
 
 def field(body: dict[str, Any], name: str, kind: type, *, required: bool = True) -> Any:

@@ -12,13 +12,15 @@ with one connected to a node directly, both ways, with receipts; a connection id
 longer than nginx's proxy_read_timeout survives thanks to chatd's pings; the Origin
 check sees the browser's host through `Host $http_host`; and when a node is stopped,
 its clients (closed with 1001) reconnect through nginx with `resume` and land on the
-other node with no gap.
+other node with no gap. With nginx in `server.trusted_proxies`, the login limit counts
+each client behind it apart.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import re
 import shutil
@@ -214,5 +216,41 @@ async def test_two_nodes_behind_nginx(valkey: ValkeyProcess, chatd_nodes: ChatdN
                     await ws.close()
             access = (tmp_path / "nginx" / "access.log").read_text()
             assert " 101 " in access  # the upgrades really went through nginx
+    finally:
+        release_port(port)
+
+
+async def test_login_limits_count_each_client_behind_nginx(
+        valkey: ValkeyProcess, chatd_nodes: ChatdNodes, tmp_path: Path) -> None:
+    """With nginx's address in `server.trusted_proxies`, the login limit counts the client
+    nginx names in X-Forwarded-For: a client over its burst gets 429, another client
+    through the same nginx does not, and a client's own X-Forwarded-For changes nothing."""
+    binary = find_or_install_nginx()
+    burst = 3
+    (node,) = await chatd_nodes.start(1, redis_url=valkey, env=FAST_ENV | {
+        "CHATD_SERVER__TRUSTED_PROXIES": "127.0.0.1",
+        "CHATD_AUTH__LOGIN_BURST": str(burst), "CHATD_AUTH__LOGIN_RATE_PER_S": "0.001"})
+    port = free_port()
+    conf = nginx_conf(tmp_path / "nginx", render(documented_block(), port,
+                                                 [f"127.0.0.1:{node.port}"]))
+    login = f"http://127.0.0.1:{port}/api/v1/login"
+    names = (f"nobody-{i}" for i in itertools.count())  # one username bucket per attempt
+
+    async def attempts(source: str, count: int, headers: dict[str, str] | None = None
+                       ) -> list[int]:
+        connector = aiohttp.TCPConnector(local_addr=(source, 0))
+        async with aiohttp.ClientSession(connector=connector) as http:
+            statuses = []
+            for _ in range(count):
+                body = {"username": next(names), "password": "not the password"}
+                async with http.post(login, json=body, headers=headers) as r:
+                    statuses.append(r.status)
+            return statuses
+
+    try:
+        async with running_nginx(binary, tmp_path / "nginx", conf, port):
+            assert await attempts("127.0.0.2", burst + 1) == [401] * burst + [429]
+            assert await attempts("127.0.0.2", 1, {"X-Forwarded-For": "10.9.9.9"}) == [429]
+            assert await attempts("127.0.0.3", burst) == [401] * burst
     finally:
         release_port(port)

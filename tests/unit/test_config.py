@@ -282,6 +282,19 @@ def test_good_cluster_nodes(tmp_path: Path) -> None:
     assert config.load(file, {}, {}).redis.cluster_nodes == ("10.0.0.1:7000", "[::1]:7001")
 
 
+@pytest.mark.parametrize("entry", ["nginx", "10.0.0.300", "10.0.0.0/33", "", "::g"])
+def test_bad_trusted_proxy(entry: str) -> None:
+    message = error_of(flags={"server.trusted_proxies": ["10.0.0.1", entry]})
+    assert "server.trusted_proxies" in message
+    assert repr(entry) in message
+
+
+def test_good_trusted_proxies_from_env() -> None:
+    settings = config.load(None, {"CHATD_SERVER__TRUSTED_PROXIES": "10.0.0.5, 10.1.0.0/16,::1"},
+                           {})
+    assert settings.server.trusted_proxies == ("10.0.0.5", "10.1.0.0/16", "::1")
+
+
 # --- secrets --------------------------------------------------------------------------------
 
 
