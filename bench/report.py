@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -187,6 +188,50 @@ def ratios_table(result: ScenarioResult) -> str:
     return "\n".join(lines)
 
 
+P99_TARGET_MS = 5.0  # p99 send->deliver at half of chatd's saturation (issue 8)
+SIO_RATIO_TARGET = 2.0  # chatd / python-socketio deliveries per server CPU-second
+
+
+def targets(result: ScenarioResult) -> list[str]:
+    """The rooms scenario's targets, each with the figure from this run and met or not."""
+    steps = result.steps.get("chatd", [])
+    if result.scenario != "rooms" or not steps:
+        return []
+    out = []
+    saturated = [s for s in steps if s.saturated]
+    if not saturated:
+        out.append(f"p99 at half of saturation (< {P99_TARGET_MS:g} ms): not measured, chatd "
+                   f"kept up to {_f(max(s.offered for s in steps), 0)} sends/s; offer more "
+                   "with --rates")
+    else:
+        # Saturation lies between the last step that kept up and the first that did
+        # not; judged at the first step from half the latter on, so never below half.
+        half = saturated[0].offered / 2
+        above = [s for s in steps if s.offered >= half and not s.saturated]
+        if not above:
+            out.append(f"p99 at half of saturation (< {P99_TARGET_MS:g} ms): not measured, no "
+                       f"step that kept up at {_f(half, 0)} sends/s or more; add one to --rates")
+        else:
+            at = min(above, key=lambda s: s.offered)
+            met = at.p99_ms is not None and at.p99_ms < P99_TARGET_MS
+            out.append(f"p99 at half of saturation (< {P99_TARGET_MS:g} ms): saturated at "
+                       f"{_f(saturated[0].offered, 0)} sends/s; at {_f(at.offered, 0)} sends/s "
+                       f"p99 {_f(at.p99_ms)} ms: {'met' if met else 'NOT met'}")
+    scripts = max(s.scripts_per_send for s in steps)
+    out.append(f"script calls per send (1): at most {_f(scripts, 2)}: "
+               f"{'met' if scripts <= 1.0 else 'NOT met'}")
+    sio = [r["deliv_per_cpu_ratio"] for r in ratios(result)
+           if r["peer"] == "sio" and not math.isnan(r["deliv_per_cpu_ratio"])
+           and not any(s.saturated for s in result.steps["sio"] if s.offered == r["offered"])]
+    if sio:
+        median = statistics.median(sio)
+        out.append(f"chatd / python-socketio deliveries per server CPU-s (>= "
+                   f"{SIO_RATIO_TARGET:g}x) where python-socketio keeps up: median "
+                   f"{_f(median, 2)}x over {len(sio)} steps: "
+                   f"{'met' if median >= SIO_RATIO_TARGET else 'NOT met'}")
+    return out
+
+
 def summary_table(result: ScenarioResult) -> str:
     lines = []
     for system, summary in result.summary.items():
@@ -222,6 +267,9 @@ def render(result: ScenarioResult) -> str:
     if ratio:
         out += ["", "chatd / each peer at equal offered load (ratio > 1: chatd delivers more "
                 "per server CPU-second; p99 ratio < 1: chatd is faster)", ratio]
+    goals = targets(result)
+    if goals:
+        out += ["", "targets (issue 8; figures from this run):", *("  " + g for g in goals)]
     if result.summary:
         out += ["", summary_table(result)]
     for note in result.notes:

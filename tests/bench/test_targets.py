@@ -1,0 +1,75 @@
+"""The rooms scenario's targets block (bench/report.py `targets`): each target judged from
+the run's own steps, never from a step that would flatter it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench.report import ScenarioResult, StepResult, render, targets
+
+
+def step(system: str, offered: float, *, p99: float = 1.0, saturated: str = "",
+         cpu: float = 1.0, scripts: float = 1.0) -> StepResult:
+    fields: dict[str, Any] = dict(
+        system=system, step=0, offered=offered, per_sender=offered / 1000,
+        expected_delivered=offered * 10, sent_rate=offered, delivered_rate=offered * 10,
+        acks_rate=offered, span_s=10.0, span_sends=int(offered * 10),
+        span_deliveries=int(offered * 100), server_cpu=cpu, redis_cpu=0.1, client_cpu=0.1,
+        other_cpu=0.0, scripts_per_send=scripts, cmds_per_send=14.0, drained=not saturated,
+        saturated=saturated, p99_ms=p99)
+    return StepResult(**fields)
+
+
+def rooms(*steps: StepResult) -> ScenarioResult:
+    result = ScenarioResult("rooms", "python -m bench run --scenario rooms")
+    for s in steps:
+        result.steps.setdefault(s.system, []).append(s)
+    return result
+
+
+def test_p99_is_judged_at_the_first_step_from_half_of_saturation() -> None:
+    result = rooms(step("chatd", 4000, p99=3.0), step("chatd", 5000, p99=6.5),
+                   step("chatd", 6000, p99=9.0), step("chatd", 10000, saturated="behind"))
+    (p99, scripts) = targets(result)
+    assert p99 == ("p99 at half of saturation (< 5 ms): saturated at 10,000 sends/s; "
+                   "at 5,000 sends/s p99 6.5 ms: NOT met")
+    assert scripts == "script calls per send (1): at most 1.00: met"
+    assert "targets (issue 8; figures from this run):\n  " + p99 in render(result)
+
+
+def test_a_step_below_half_is_never_used() -> None:
+    result = rooms(step("chatd", 1000, p99=2.0), step("chatd", 16000, saturated="behind"))
+    assert targets(result)[0] == (
+        "p99 at half of saturation (< 5 ms): not measured, no step that kept up at "
+        "8,000 sends/s or more; add one to --rates")
+
+
+def test_met_and_not_saturated() -> None:
+    met = rooms(step("chatd", 2000, p99=4.9), step("chatd", 4000, saturated="behind"))
+    assert targets(met)[0].endswith("at 2,000 sends/s p99 4.9 ms: met")
+    unsaturated = rooms(step("chatd", 2000), step("chatd", 3000))
+    assert targets(unsaturated)[0] == (
+        "p99 at half of saturation (< 5 ms): not measured, chatd kept up to 3,000 sends/s; "
+        "offer more with --rates")
+
+
+def test_more_than_one_script_per_send_is_not_met() -> None:
+    assert targets(rooms(step("chatd", 1000, scripts=1.5)))[1] == (
+        "script calls per send (1): at most 1.50: NOT met")
+
+
+def test_the_peer_ratio_counts_only_steps_where_the_peer_kept_up() -> None:
+    result = rooms(step("chatd", 500, cpu=1.0), step("chatd", 1000, cpu=1.0),
+                   step("chatd", 2000, cpu=2.0),
+                   step("sio", 500, cpu=2.5), step("sio", 1000, cpu=1.9),
+                   step("sio", 2000, cpu=20.0, saturated="behind"))
+    assert targets(result)[2] == (
+        "chatd / python-socketio deliveries per server CPU-s (>= 2x) where python-socketio "
+        "keeps up: median 2.20x over 2 steps: met")
+
+
+def test_other_scenarios_have_no_targets_block() -> None:
+    result = rooms(step("chatd", 1000))
+    result.scenario = "fanout"
+    assert targets(result) == []
+    assert "targets (" not in render(result)
