@@ -69,6 +69,9 @@ class Broker:
         # Since when (monotonic) every heartbeat succeeded; None right after a failed one.
         # The janitor judges other nodes only after a full node_ttl_s of this (janitor.py).
         self.beating_since: float | None = None
+        # Redis' clock minus ours, from the last heartbeat (off by at most its round
+        # trip): inbox entry ids carry Redis' time, and nodes may run on other hosts.
+        self.clock_offset_ms = 0.0
 
     async def create_groups(self) -> None:
         for stream in self._streams:
@@ -234,6 +237,8 @@ class Broker:
                     eid = entry_id(raw_id)
                     if eid <= done:
                         continue  # handed over already: a catch-up read got it first
+                    if not n and not control:
+                        self._observe_lag(eid[0])
                     done = eid
                     n += 1
                     try:
@@ -245,6 +250,10 @@ class Broker:
                     handled.append((stream, n))
                     self.node.metrics.inbox_entries.value += n
         return handled
+
+    def _observe_lag(self, stored_ms: int) -> None:
+        age_ms = time.time() * 1000 + self.clock_offset_ms - stored_ms
+        self.node.metrics.delivery_lag.observe(max(0.0, age_ms / 1000))
 
     # --- liveness -------------------------------------------------------------
 
@@ -265,8 +274,9 @@ class Broker:
         await self._beat("join")
 
     async def _beat(self, mode: str) -> bool:
-        ok, _ = await self.node.scripts.run("node_heartbeat", [keys.NODES],
-                                            [self.node.node_id, mode])
+        ok, now_ms = await self.node.scripts.run("node_heartbeat", [keys.NODES],
+                                                 [self.node.node_id, mode])
+        self.clock_offset_ms = int(now_ms) - time.time() * 1000
         return bool(ok)
 
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+_LAG_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class Tally:
@@ -24,13 +27,37 @@ class Tally:
         self.value = 0
 
 
+class Spread:
+    """A histogram observed once per inbox read: plain counts, for the reason of `Tally`."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last: above every bound
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1  # Prometheus' "le"
+        self.total += value
+
+
 class _Tallies(Collector):
-    def __init__(self, tallies: dict[str, tuple[str, Tally]]) -> None:
+    def __init__(self, tallies: dict[str, tuple[str, Tally]],
+                 spreads: dict[str, tuple[str, Spread]]) -> None:
         self._tallies = tallies
+        self._spreads = spreads
 
     def collect(self) -> Iterator[Metric]:
         for name, (documentation, tally) in self._tallies.items():
             yield CounterMetricFamily(name, documentation, value=tally.value)
+        for name, (documentation, spread) in self._spreads.items():
+            cumulative = list(itertools.accumulate(spread.counts))
+            buckets = [(str(bound), float(count))
+                       for bound, count in zip(spread.bounds, cumulative, strict=False)]
+            yield HistogramMetricFamily(name, documentation,
+                                        buckets=[*buckets, ("+Inf", float(cumulative[-1]))],
+                                        sum_value=spread.total)
 
 
 class Metrics:
@@ -41,10 +68,16 @@ class Metrics:
         self.frames_in = Tally()
         self.frames_out = Tally()
         self.inbox_entries = Tally()
+        self.delivery_lag = Spread(_LAG_BUCKETS)
         r.register(_Tallies({
             "chatd_frames_in": ("WebSocket frames received", self.frames_in),
             "chatd_frames_out": ("WebSocket frames sent to clients", self.frames_out),
             "chatd_inbox_entries": ("Fanout entries read from inboxes", self.inbox_entries),
+        }, {
+            "chatd_delivery_lag_seconds": (
+                "Age of room inbox entries (since Redis stored them, on Redis' clock) when "
+                "this node hands them to its sockets: the oldest new entry of each read",
+                self.delivery_lag),
         }))
         sends = Counter("chatd_sends", "Messages accepted (acked)", ["duplicate"], registry=r)
         # The two children made once: `labels()` on every send costs a lock and a lookup.

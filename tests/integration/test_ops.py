@@ -160,7 +160,8 @@ async def test_metrics(node: ChatdNode, session: aiohttp.ClientSession) -> None:
         assert resp.headers["Content-Type"].startswith("text/plain")
         text = await resp.text()
     for name in ("chatd_connections", "chatd_frames_in", "chatd_frames_out", "chatd_sends",
-                 "chatd_inbox_entries", "chatd_redis_call_seconds", "chatd_errors"):
+                 "chatd_inbox_entries", "chatd_redis_call_seconds", "chatd_errors",
+                 "chatd_delivery_lag_seconds"):
         assert f"# TYPE {name}" in text, name
     values = samples(text)
     assert values[("chatd_connections", ())] == 1.0  # the open WebSocket
@@ -172,6 +173,11 @@ async def test_metrics(node: ChatdNode, session: aiohttp.ClientSession) -> None:
     assert values[("chatd_sends_total", (("duplicate", "true"),))] == 1.0
     assert values[("chatd_errors_total", (("code", "not_found"),))] == 1.0
     assert values[("chatd_redis_call_seconds_count", (("script", "send_message"),))] >= 1.0
+    # The message came back through the node's inbox: its age was observed then.
+    reads = values[("chatd_delivery_lag_seconds_count", ())]
+    assert reads >= 1.0
+    assert values[("chatd_delivery_lag_seconds_bucket", (("le", "+Inf"),))] == reads
+    assert 0.0 <= values[("chatd_delivery_lag_seconds_sum", ())] < reads
 
     await ws.close()
     await asyncio.sleep(0.2)
