@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
-import time
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -127,7 +126,7 @@ async def register(node: Node, passwords: Passwords, username: str, password: st
     user_id = secrets.token_urlsafe(16)
     await cmd.hset(keys.user(user_id), mapping={
         "username": name, "pw": await passwords.hash(password),
-        "created_at": int(time.time() * 1000)})
+        "created_at": int(node.redis_time_ms())})
     if not await cmd.set(keys.username(name), user_id, nx=True):
         await cmd.delete(keys.user(user_id))
         raise ChatError("conflict", "username is taken")

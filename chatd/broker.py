@@ -69,9 +69,6 @@ class Broker:
         # Since when (monotonic) every heartbeat succeeded; None right after a failed one.
         # The janitor judges other nodes only after a full node_ttl_s of this (janitor.py).
         self.beating_since: float | None = None
-        # Redis' clock minus ours, from the last heartbeat (off by at most its round
-        # trip): inbox entry ids carry Redis' time, and nodes may run on other hosts.
-        self.clock_offset_ms = 0.0
 
     async def create_groups(self) -> None:
         for stream in self._streams:
@@ -252,7 +249,7 @@ class Broker:
         return handled
 
     def _observe_lag(self, stored_ms: int) -> None:
-        age_ms = time.time() * 1000 + self.clock_offset_ms - stored_ms
+        age_ms = self.node.redis_time_ms() - stored_ms
         self.node.metrics.delivery_lag.observe(max(0.0, age_ms / 1000))
 
     # --- liveness -------------------------------------------------------------
@@ -276,7 +273,7 @@ class Broker:
     async def _beat(self, mode: str) -> bool:
         ok, now_ms = await self.node.scripts.run("node_heartbeat", [keys.NODES],
                                                  [self.node.node_id, mode])
-        self.clock_offset_ms = int(now_ms) - time.time() * 1000
+        self.node.clock_offset_ms = int(now_ms) - time.time() * 1000
         return bool(ok)
 
 

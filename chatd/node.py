@@ -6,6 +6,7 @@ import asyncio
 import fcntl
 import logging
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,10 @@ class Node:
     usernames: dict[str, str] = field(default_factory=dict)  # immutable, so cacheable
     redis_ok: bool = True
     draining: bool = False
+    # Redis' clock minus ours, from the last heartbeat (off by at most its round trip).
+    # Stream ids, message `ts` and session expiry are on Redis' clock, and nodes may
+    # run on hosts whose clocks differ from the Redis host's.
+    clock_offset_ms: float = 0.0
 
     @property
     def partitions(self) -> int:
@@ -51,6 +56,14 @@ class Node:
         cluster = self.redis.is_cluster
         return sorted({keys.inbox(keys.inbox_partition(p, cluster=cluster), self.node_id)
                        for p in range(self.partitions)})
+
+    def redis_time_ms(self) -> float:
+        """Now, on Redis' clock."""
+        return time.time() * 1000 + self.clock_offset_ms
+
+    def monotonic_at(self, redis_ms: float) -> float:
+        """The `time.monotonic()` reading at which Redis' clock will read `redis_ms`."""
+        return time.monotonic() + (redis_ms - self.redis_time_ms()) / 1000
 
     def ready(self) -> bool:
         return (not self.draining and self.redis_ok

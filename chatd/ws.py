@@ -102,7 +102,7 @@ async def _open(request: web.Request, ws: web.WebSocketResponse, out: AbstractSt
         return None
     fanout = request.app[FANOUT]
     # The heartbeat sweep closes the connection when its session expires.
-    session_ends = time.monotonic() + principal.expires_at / 1000 - time.time()
+    session_ends = node.monotonic_at(principal.expires_at)
     conn = Conn(ws, out, principal.user_id, principal.session_id,
                 node.settings.limits.send_queue_max, node.metrics.frames_out, fanout.batch,
                 session_ends)
