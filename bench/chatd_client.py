@@ -6,12 +6,10 @@ room must see every acked seq, in order (PROTOCOL.md, guarantees 1 and 2).
 
 from __future__ import annotations
 
-import time
-
 import msgspec
 
 from bench.client_base import BaseClient
-from bench.tracking import Track, make_body
+from bench.tracking import Track
 
 
 class _WelcomeRoom(msgspec.Struct):
@@ -72,16 +70,12 @@ class ChatdClient(BaseClient):
             rec.other_frames += 1
 
     async def send(self, step: int, intended_ns: int) -> None:
-        room = self.spec.send_room
-        if room is None or not self.can_send():
-            self.rec.skipped += 1
+        message = self.next_message(step, intended_ns)
+        if message is None:
             return
-        self.n += 1
+        room, body, now = message
         rid = f"{self.spec.idx}-{self.n}"
-        body = make_body(intended_ns, step, self.spec.idx, self.n, self.body_chars)
-        now = time.time_ns()
         self.pending[rid] = (step, now)
-        self.rec.sent_one(step, intended_ns, now)
         self.send_frame(_encode({"type": "send", "id": rid, "room_id": room,
                                  "client_msg_id": rid, "body": body}))
 

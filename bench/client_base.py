@@ -10,10 +10,11 @@ frame), and every frame is written straight to the socket.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from bench.plan import ConnSpec
-from bench.tracking import Recorder, Track
+from bench.tracking import Recorder, Track, make_body
 from bench.wsclient import WebSocket
 
 MAX_RECONNECTS = 5
@@ -65,6 +66,19 @@ class BaseClient:
         for _ in range(len(self.pending)):
             self.rec.fail("closed_before_ack")
         self.pending.clear()
+
+    def next_message(self, step: int, intended_ns: int) -> tuple[str, str, int] | None:
+        """The room, body and send time of this connection's next message, counted as sent;
+        None, counted as skipped, when the connection is down or has no room to send to."""
+        room = self.spec.send_room
+        if room is None or not self.can_send():
+            self.rec.skipped += 1
+            return None
+        self.n += 1
+        body = make_body(intended_ns, step, self.spec.idx, self.n, self.body_chars)
+        now = time.time_ns()
+        self.rec.sent_one(step, intended_ns, now)
+        return room, body, now
 
     def can_send(self) -> bool:
         """Up and no close under way (a server's close is answered before the socket ends)."""

@@ -17,12 +17,10 @@ only order Redis pub/sub can promise.
 from __future__ import annotations
 
 import contextlib
-import time
 
 import msgspec
 
 from bench.client_base import BaseClient
-from bench.tracking import make_body
 
 
 class _Message(msgspec.Struct):
@@ -85,15 +83,11 @@ class SioClient(BaseClient):
             self.rec.other_frames += 1
 
     async def send(self, step: int, intended_ns: int) -> None:
-        room = self.spec.send_room
-        if room is None or not self.can_send():
-            self.rec.skipped += 1
+        message = self.next_message(step, intended_ns)
+        if message is None:
             return
-        self.n += 1
+        room, body, now = message
         self._ack_ids += 1
-        body = make_body(intended_ns, step, self.spec.idx, self.n, self.body_chars)
-        now = time.time_ns()
         self.pending[self._ack_ids] = (step, now, self.n)
-        self.rec.sent_one(step, intended_ns, now)
         packet = _encode(["send", {"room": room, "body": body}]).decode()
         self.send_frame(f"42{self._ack_ids}{packet}")
