@@ -1,11 +1,13 @@
 """Abusive clients are contained (issue 7, part 5; PROTOCOL.md s3 "Limits and close codes").
 
-Four kinds of abuse, each against a node that a well-behaved pair keeps chatting on
+Five kinds of abuse, each against a node that a well-behaved pair keeps chatting on
 (every message must arrive, in order), with the chatd process's resident memory measured
 before, during (peak) and after, and its growth bounded:
 
 * many connections that never send `hello`: each closed with 4002 after
   `limits.auth_timeout_s` (1 s here), the connection count back to where it was;
+* slow HTTP clients (silent, trickling their headers, a body that stops short): each
+  closed after `server.request_timeout_s` (1 s here), the short bodies answered 400;
 * a sender at 10x its rate limit: `rate_limited` with `retry_after_ms`, only what was
   acked is stored and delivered, nothing more;
 * a client that stops reading while its room is busy (a bare socket with a small receive
@@ -130,6 +132,66 @@ async def test_connections_without_hello_are_closed_4002(
     summary("abuse: connections without hello", connections=CONNECTIONS,
             opened_s=round(opened_in, 2), all_closed_4002_s=round(closed_in, 2),
             server_connections_peak=int(peak_open), after=int(baseline),
+            **memory.check(), bystanders=chat)
+
+
+# --- slow HTTP clients -------------------------------------------------------------------
+
+SLOW_CLIENTS = 300  # a third each: silent, headers trickled in, a body that stops short
+REQUEST_TIMEOUT_S = 1.0
+
+
+async def _slow_client(node: ChatdNode, kind: int) -> tuple[bytes, float]:
+    """One slow client; what the server sent before closing, and when it closed."""
+    reader, writer = await asyncio.open_connection(node.host, node.port)
+    started = time.monotonic()
+
+    async def trickle() -> None:
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        while True:
+            writer.write(b"X-a:")
+            await writer.drain()
+            await asyncio.sleep(0.1)
+
+    task = asyncio.create_task(trickle()) if kind == 1 else None
+    if kind == 2:
+        writer.write(b"POST /api/v1/login HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+    data = b""
+    try:
+        async with asyncio.timeout(10):
+            while chunk := await reader.read(65536):
+                data += chunk
+    except ConnectionResetError:
+        pass
+    finally:
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        writer.close()
+    return data, time.monotonic() - started
+
+
+async def test_slow_http_clients_are_cut_off(valkey: ValkeyProcess,
+                                            chatd_nodes: ChatdNodes) -> None:
+    (node,) = await chatd_nodes.start(1, redis_url=valkey, env={
+        **BASE_ENV, "CHATD_SERVER__REQUEST_TIMEOUT_S": str(REQUEST_TIMEOUT_S)})
+    async with aiohttp.ClientSession() as http, Bystanders(http, node) as bystanders:
+        memory = Memory(node)
+        async with memory.sampling():
+            results = await asyncio.gather(*(_slow_client(node, k % 3)
+                                             for k in range(SLOW_CLIENTS)))
+        chat = await bystanders.stop()
+    silent, trickled, short = (results[k::3] for k in range(3))
+    assert all(data == b"" for data, _ in silent + trickled)
+    assert all(data.startswith(b"HTTP/1.1 400 ") for data, _ in short)
+    # Closed by the timeout (libuv may start its timer from a loop time cached before
+    # the accept: half of it is the bound); the short bodies after another one at most
+    # (aiohttp's lingering read of the rest).
+    assert all(REQUEST_TIMEOUT_S * 0.5 <= t < REQUEST_TIMEOUT_S + 3 for _, t in silent + trickled)
+    assert all(REQUEST_TIMEOUT_S * 0.5 <= t < 2 * REQUEST_TIMEOUT_S + 3 for _, t in short)
+    assert_log_clean(node)
+    summary("abuse: slow HTTP clients", clients=SLOW_CLIENTS,
+            closed_after_s=f"{min(t for _, t in results):.2f}-{max(t for _, t in results):.2f}",
             **memory.check(), bystanders=chat)
 
 
