@@ -15,7 +15,7 @@ from typing import NoReturn
 
 from aiohttp import web
 
-from chatd import config, logs
+from chatd import config, listen, logs
 from chatd.app import create_app
 from chatd.embedded import EmbeddedError
 
@@ -74,9 +74,10 @@ async def serve(settings: config.Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     try:
         await runner.setup()
-        site = web.TCPSite(runner, settings.server.host, settings.server.port)
         try:
-            await site.start()
+            for sock in listen.bind(settings.server.host, settings.server.port,
+                                    settings.server.send_timeout_s):
+                await web.SockSite(runner, sock).start()
         except OSError as e:
             raise config.ConfigError(
                 f"cannot listen on {settings.server.host}:{settings.server.port}: "

@@ -40,6 +40,7 @@ class ServerSettings:
     shutdown_timeout_s: float = _opt(10.0, lo=0.1, hi=3600)
     max_http_body_bytes: int = _opt(65536, lo=1024, hi=16 * 1024 * 1024)
     request_timeout_s: float = _opt(10.0, lo=0.1, hi=3600)
+    send_timeout_s: float = _opt(30.0, lo=1, hi=3600)
     allowed_origins: tuple[str, ...] = _opt(())
     trusted_proxies: tuple[str, ...] = _opt(())
     log_level: str = _opt("info", choices=("debug", "info", "warning", "error"))

@@ -8,6 +8,10 @@ one real node on loopback, over bare sockets,
   they are complete, however steadily the bytes keep coming;
 * a body that stops short of its `Content-Length` is answered (400 `bad_request` where
   chatd reads the body, the usual answer where it does not) and the connection closed;
+* a client that stops reading a response larger than the sockets' buffers is dropped
+  once it has acknowledged nothing for `server.send_timeout_s` (1 s here): its
+  connection is reset, where it used to hold a handler and the rest of the response
+  for ever;
 
 while a WebSocket and a keep-alive HTTP client that do their part are not affected: the
 WebSocket chats on past several timeouts, and HTTP requests on one connection go on.
@@ -18,15 +22,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import time
 from collections.abc import AsyncIterator
 
+import psutil
 import pytest
 
 from tests.client import Chat
 from tests.conftest import OneNode
 from tests.harness import ChatdNode
-from tests.security.support import summary
+from tests.security.support import UNTHROTTLED, summary
 
 TIMEOUT_S = 1.0
 ENV = {"CHATD_SERVER__REQUEST_TIMEOUT_S": str(TIMEOUT_S)}
@@ -147,3 +153,48 @@ async def _keep_alive_requests(chat: Chat) -> None:
                     length = int(value)
             await reader.readexactly(length)
             await asyncio.sleep(TIMEOUT_S / 2)
+
+
+BODY_CHARS = 20_000  # 200 of them: a 4 MB history page, more than loopback buffers hold
+
+
+async def test_a_client_that_stops_reading_a_response_is_dropped(one_node: OneNode) -> None:
+    async with one_node.chat({**ENV, "CHATD_SERVER__SEND_TIMEOUT_S": "1",
+                              "CHATD_LIMITS__MAX_BODY_CHARS": str(BODY_CHARS),
+                              **UNTHROTTLED}) as chat:
+        users, room = await chat.api.group_of(2)
+        ws = await chat.connect(users[0])
+        for i in range(200):
+            await ws.send({"type": "send", "id": str(i), "room_id": room,
+                           "client_msg_id": f"big-{i}", "body": "x" * BODY_CHARS})
+        await ws.wait_for(lambda f: f.get("id") == "199" and f["type"] == "ack", timeout=60)
+        request = (f"GET /api/v1/rooms/{room}/messages?limit=200 HTTP/1.1\r\nHost: x\r\n"
+                   f"Authorization: Bearer {users[0].token}\r\n\r\n").encode()
+        reset_after = await asyncio.to_thread(_request_and_never_read, chat.node, request)
+        summary("client that stops reading a 4 MB response", reset_after_s=reset_after)
+        assert reset_after is not None, f"still connected after {TIMEOUT_S + GRACE_S + 5} s"
+        async with chat.http.get(chat.node.url + "/healthz") as r:
+            assert r.status == 200
+
+
+def _request_and_never_read(node: ChatdNode, request: bytes) -> float | None:
+    """Seconds until the node dropped the connection (None: it never did), while the
+    client reads nothing: a receive window that stays shut. A connection the kernel
+    drops for its user timeout goes without a word to the peer, so the node's side
+    is what is looked at."""
+    node_process = psutil.Process(node.pid)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        sock.connect((node.host, node.port))
+        mine = sock.getsockname()[1]
+        sock.sendall(request)
+        start = time.monotonic()
+        while time.monotonic() - start < TIMEOUT_S + GRACE_S + 5:
+            if not any(c.raddr and c.raddr.port == mine
+                       for c in node_process.net_connections("tcp")):
+                return round(time.monotonic() - start, 2)
+            time.sleep(0.05)
+        return None
+    finally:
+        sock.close()

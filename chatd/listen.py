@@ -1,0 +1,36 @@
+"""The node's listening sockets, bound as asyncio's `create_server` binds a host and
+port, with TCP_USER_TIMEOUT set on them: every connection they accept inherits it.
+
+TCP_USER_TIMEOUT bounds how long data we sent may stay unacknowledged, a receive
+window kept shut included. Without it a peer that stops reading holds its socket,
+and the handler writing to it, for as long as it likes: aiohttp has no write timeout,
+and the kernel probes a shut window for ever.
+"""
+
+from __future__ import annotations
+
+import socket
+
+
+def bind(host: str, port: int, send_timeout_s: float) -> list[socket.socket]:
+    """One socket per address `host` resolves to (OSError when one cannot be bound)."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                               flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, address in dict.fromkeys(
+                (family, kind, proto, address) for family, kind, proto, _, address in infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:  # "::" must not also take the IPv4 port
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if hasattr(socket, "TCP_USER_TIMEOUT"):  # Linux
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
+                                int(send_timeout_s * 1000))
+            sock.bind(address)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
