@@ -13,9 +13,9 @@ from typing import Any
 
 from aiohttp import web
 
-from chatd import rooms
+from chatd import keys, ratelimit, rooms
 from chatd.appkeys import NODE
-from chatd.auth import authenticate
+from chatd.auth import Principal, authenticate
 from chatd.errors import ChatError
 from chatd.http import field, read_json
 
@@ -29,8 +29,18 @@ def _user_ids(body: dict[str, Any], *, required: bool) -> list[str]:
     return members
 
 
-async def create_room(request: web.Request) -> web.Response:
+async def _room_op(request: web.Request) -> Principal:
+    """The caller, who may change rooms once more: every room and member is kept in
+    Redis for good, so a script creating them as fast as it can must be slowed."""
     principal = await authenticate(request)
+    limits = request.app[NODE].settings.limits
+    await ratelimit.take(request.app[NODE], keys.room_ops_bucket(principal.user_id),
+                         limits.room_ops_rate_per_s, limits.room_ops_burst)
+    return principal
+
+
+async def create_room(request: web.Request) -> web.Response:
+    principal = await _room_op(request)
     body = await read_json(request)
     kind = field(body, "kind", str)
     node = request.app[NODE]
@@ -64,7 +74,7 @@ async def get_room(request: web.Request) -> web.Response:
 
 
 async def add_member(request: web.Request) -> web.Response:
-    principal = await authenticate(request)
+    principal = await _room_op(request)
     body = await read_json(request)
     user_id = field(body, "user_id", str)
     role = field(body, "role", str, required=False) or "member"
@@ -74,7 +84,7 @@ async def add_member(request: web.Request) -> web.Response:
 
 
 async def remove_member(request: web.Request) -> web.Response:
-    principal = await authenticate(request)
+    principal = await _room_op(request)
     await rooms.remove_member(request.app[NODE], request.match_info["room_id"],
                               principal.user_id, request.match_info["user_id"])
     return web.Response(status=204)

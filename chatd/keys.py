@@ -70,6 +70,10 @@ def send_bucket(uid: str) -> str:
     return f"{PREFIX}:{{u:{uid}}}:bucket:send"
 
 
+def room_ops_bucket(uid: str) -> str:
+    return f"{PREFIX}:{{u:{uid}}}:bucket:rooms"
+
+
 def login_bucket_ip(ip: str) -> str:
     return f"{PREFIX}:bucket:login:ip:{{{ip}}}"
 

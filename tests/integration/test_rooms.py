@@ -13,6 +13,7 @@ from chatd import rooms
 from chatd.appkeys import NODE
 from tests.integration.test_accounts import (  # noqa: F401 (the fixtures are used by name)
     Client,
+    MakeClient,
     User,
     call,
     client_fixture,
@@ -43,7 +44,9 @@ async def room_ids(client: Client, user: User) -> list[str]:
 
 # --- the authorization matrix ----------------------------------------------------------
 
-async def test_authorization_matrix(client: Client) -> None:
+async def test_authorization_matrix(make_client: MakeClient) -> None:
+    # Hundreds of room changes by the same few users: over limits.room_ops_burst.
+    client = await make_client(**{"limits.room_ops_burst": 100_000})
     owner, admin, member, outsider = [await new_user(client, n)
                                       for n in ("owner", "admin", "member", "outsider")]
     spare = [await new_user(client, f"spare{i}") for i in range(2)]
@@ -234,6 +237,34 @@ async def test_add_remove_and_leave(client: Client) -> None:
     assert await room_ids(client, guest) == []
     status, room = await call(client, "GET", f"/rooms/{room_id}", token=owner.token)
     assert [(m["user_id"], m["role"]) for m in room["members"]] == [(owner.user_id, "owner")]
+
+
+async def test_room_changes_are_rate_limited_per_user(make_client: MakeClient) -> None:
+    """Creating rooms and adding or removing members share one bucket per user
+    (`limits.room_ops_rate_per_s`, `room_ops_burst`): past it 429 `rate_limited` with
+    Retry-After, nothing done; another user's bucket is untouched."""
+    client = await make_client(**{"limits.room_ops_burst": 3,
+                                  "limits.room_ops_rate_per_s": 0.01})
+    owner, friend, other = [await new_user(client, n) for n in ("owner", "friend", "other")]
+    room_id = await group(client, owner)  # 1
+    assert (await call(client, "POST", f"/rooms/{room_id}/members",
+                       {"user_id": friend.user_id}, token=owner.token))[0] == 204  # 2
+    assert (await call(client, "DELETE", f"/rooms/{room_id}/members/{friend.user_id}",
+                       token=owner.token))[0] == 204  # 3
+    before = await room_ids(client, owner)
+    for method, path, body in (
+            ("POST", "/rooms", {"kind": "group", "name": "one too many"}),
+            ("POST", "/rooms", {"kind": "direct", "members": [friend.user_id]}),
+            ("POST", f"/rooms/{room_id}/members", {"user_id": friend.user_id}),
+            ("DELETE", f"/rooms/{room_id}/members/{owner.user_id}", None)):
+        resp = await client.request(method, f"/api/v1{path}", json=body,
+                                    headers={"Authorization": f"Bearer {owner.token}"})
+        error = (await resp.json())["error"]
+        assert (resp.status, error["code"]) == (429, "rate_limited"), (path, error)
+        assert error["retry_after_ms"] > 0 and int(resp.headers["Retry-After"]) >= 1
+    assert await room_ids(client, owner) == before  # nothing created, nobody left
+    assert await room_ids(client, friend) == []  # nor added
+    assert await group(client, other)  # someone else's bucket
 
 
 async def test_crash_between_room_side_and_user_side(client: Client,
