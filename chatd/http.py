@@ -81,10 +81,11 @@ async def on_prepare(request: web.Request, response: web.StreamResponse) -> None
 
 async def read_json(request: web.Request) -> dict[str, Any]:
     """The request body as a JSON object, or a 400/413 that says what is wrong."""
-    max_size = request.app[NODE].settings.server.max_http_body_bytes
+    server = request.app[NODE].settings.server
+    max_size = server.max_http_body_bytes
     if request.content_length is not None and request.content_length > max_size:
         raise ChatError("too_large", f"request body is larger than {max_size} bytes")
-    timeout = request.app[NODE].settings.server.request_timeout_s
+    timeout = server.request_timeout_s
     try:
         async with asyncio.timeout(timeout):
             raw = await request.read()

@@ -196,6 +196,51 @@ class Bystanders:
                 "median_ack_ms": round(sorted(self.ack_ms)[len(self.ack_ms) // 2], 1)}
 
 
+# --- slow HTTP clients on a bare socket ---------------------------------------------------
+
+SILENT, TRICKLING, SHORT_BODY = "silent", "trickling headers", "short body"
+
+
+async def slow_http_client(node: ChatdNode, kind: str, *, within_s: float,
+                           path: str = "/api/v1/login") -> tuple[bytes, float]:
+    """One slow client: SILENT sends nothing, TRICKLING sends a header that never ends
+    (4 bytes every 100 ms), SHORT_BODY a POST to `path` whose body stops 100 bytes short.
+    Returns what the node sent until it closed the connection, and the seconds from
+    connect; AssertionError if it is still open after `within_s`."""
+    reader, writer = await asyncio.open_connection(node.host, node.port)
+    started = time.monotonic()
+
+    async def trickle() -> None:
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        while True:
+            writer.write(b"X-a:")
+            await writer.drain()
+            await asyncio.sleep(0.1)
+
+    task = asyncio.create_task(trickle()) if kind == TRICKLING else None
+    if kind == SHORT_BODY:
+        body = b'{"username": "slow", '
+        writer.write(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % (path.encode(), len(body) + 100) + body)
+    data = b""
+    try:
+        async with asyncio.timeout(within_s):
+            while chunk := await reader.read(65536):
+                data += chunk
+    except ConnectionResetError:
+        pass
+    except TimeoutError:
+        raise AssertionError(f"{kind}: still open after {within_s} s; got {data!r}") from None
+    finally:
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+    return data, time.monotonic() - started
+
+
 def summary(name: str, **figures: Any) -> None:
     """The one-line figures a test reports (run pytest with -s to see them)."""
     print(f"\n[security] {name}: " + ", ".join(f"{k}={v}" for k, v in figures.items()),

@@ -45,12 +45,16 @@ from tests.security.support import (
     OP_CLOSE,
     OP_CONT,
     OP_TEXT,
+    SHORT_BODY,
+    SILENT,
+    TRICKLING,
     UNTHROTTLED,
     Bystanders,
     RawWs,
     assert_log_clean,
     client_frame,
     rss_kib,
+    slow_http_client,
     summary,
 )
 
@@ -141,36 +145,6 @@ SLOW_CLIENTS = 300  # a third each: silent, headers trickled in, a body that sto
 REQUEST_TIMEOUT_S = 1.0
 
 
-async def _slow_client(node: ChatdNode, kind: int) -> tuple[bytes, float]:
-    """One slow client; what the server sent before closing, and when it closed."""
-    reader, writer = await asyncio.open_connection(node.host, node.port)
-    started = time.monotonic()
-
-    async def trickle() -> None:
-        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
-        while True:
-            writer.write(b"X-a:")
-            await writer.drain()
-            await asyncio.sleep(0.1)
-
-    task = asyncio.create_task(trickle()) if kind == 1 else None
-    if kind == 2:
-        writer.write(b"POST /api/v1/login HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
-    data = b""
-    try:
-        async with asyncio.timeout(10):
-            while chunk := await reader.read(65536):
-                data += chunk
-    except ConnectionResetError:
-        pass
-    finally:
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-        writer.close()
-    return data, time.monotonic() - started
-
-
 async def test_slow_http_clients_are_cut_off(valkey: ValkeyProcess,
                                             chatd_nodes: ChatdNodes) -> None:
     (node,) = await chatd_nodes.start(1, redis_url=valkey, env={
@@ -178,7 +152,8 @@ async def test_slow_http_clients_are_cut_off(valkey: ValkeyProcess,
     async with aiohttp.ClientSession() as http, Bystanders(http, node) as bystanders:
         memory = Memory(node)
         async with memory.sampling():
-            results = await asyncio.gather(*(_slow_client(node, k % 3)
+            kinds = (SILENT, TRICKLING, SHORT_BODY)
+            results = await asyncio.gather(*(slow_http_client(node, kinds[k % 3], within_s=10)
                                              for k in range(SLOW_CLIENTS)))
         chat = await bystanders.stop()
     silent, trickled, short = (results[k::3] for k in range(3))

@@ -20,11 +20,9 @@ WebSocket chats on past several timeouts, and HTTP requests on one connection go
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import socket
 import time
-from collections.abc import AsyncIterator
 
 import psutil
 import pytest
@@ -32,45 +30,23 @@ import pytest
 from tests.client import Chat
 from tests.conftest import OneNode
 from tests.harness import ChatdNode
-from tests.security.support import UNTHROTTLED, summary
+from tests.security.support import (
+    SHORT_BODY,
+    SILENT,
+    TRICKLING,
+    UNTHROTTLED,
+    slow_http_client,
+    summary,
+)
 
 TIMEOUT_S = 1.0
 ENV = {"CHATD_SERVER__REQUEST_TIMEOUT_S": str(TIMEOUT_S)}
 GRACE_S = 4.0  # on top of the timeout, for a loaded CI machine
 
 
-@contextlib.asynccontextmanager
-async def raw_socket(node: ChatdNode) -> AsyncIterator[
-        tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
-    reader, writer = await asyncio.open_connection(node.host, node.port)
-    try:
-        yield reader, writer
-    finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
-
-
-async def until_closed(reader: asyncio.StreamReader) -> tuple[bytes, float]:
-    """Everything the server sends until it closes, and how long that took."""
-    start = time.monotonic()
-    data = b""
-    try:
-        async with asyncio.timeout(TIMEOUT_S + GRACE_S):
-            while chunk := await reader.read(65536):
-                data += chunk
-    except ConnectionResetError:
-        pass
-    except TimeoutError:
-        raise AssertionError(
-            f"still open after {TIMEOUT_S + GRACE_S} s; got {data!r}") from None
-    return data, time.monotonic() - start
-
-
 async def test_a_connection_that_sends_nothing_is_closed(one_node: OneNode) -> None:
     node = await one_node.start(ENV)
-    async with raw_socket(node) as (reader, _):
-        data, elapsed = await until_closed(reader)
+    data, elapsed = await slow_http_client(node, SILENT, within_s=TIMEOUT_S + GRACE_S)
     summary("silent connection", closed_after_s=round(elapsed, 2))
     assert data == b""
     assert elapsed >= TIMEOUT_S * 0.5  # libuv times from its cached loop time
@@ -78,23 +54,7 @@ async def test_a_connection_that_sends_nothing_is_closed(one_node: OneNode) -> N
 
 async def test_headers_trickled_in_are_cut_off(one_node: OneNode) -> None:
     node = await one_node.start(ENV)
-    async with raw_socket(node) as (reader, writer):
-        async def trickle() -> int:
-            sent = 0
-            writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
-            while True:  # a header that never ends, 4 bytes every 100 ms
-                writer.write(b"X-a:")
-                await writer.drain()
-                sent += 4
-                await asyncio.sleep(0.1)
-
-        task = asyncio.create_task(trickle())
-        try:
-            data, elapsed = await until_closed(reader)
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, ConnectionError):
-                await task
+    data, elapsed = await slow_http_client(node, TRICKLING, within_s=TIMEOUT_S + GRACE_S)
     summary("trickled headers", closed_after_s=round(elapsed, 2))
     assert data == b""
     assert elapsed >= TIMEOUT_S * 0.5  # libuv times from its cached loop time
@@ -107,13 +67,8 @@ async def test_headers_trickled_in_are_cut_off(one_node: OneNode) -> None:
 async def test_a_body_that_stops_short_is_answered_and_the_connection_closes(
         one_node: OneNode, path: str, status: int, code: str) -> None:
     node = await one_node.start(ENV)
-    body = b'{"username": "slow", '
-    async with raw_socket(node) as (reader, writer):
-        writer.write(b"POST %s HTTP/1.1\r\nHost: x\r\n"
-                     b"Content-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n" % (path.encode(), len(body) + 100) + body)
-        await writer.drain()
-        data, elapsed = await until_closed(reader)
+    data, elapsed = await slow_http_client(node, SHORT_BODY, within_s=TIMEOUT_S + GRACE_S,
+                                           path=path)
     head, _, payload = data.partition(b"\r\n\r\n")
     summary(f"short body to {path}", closed_after_s=round(elapsed, 2))
     assert head.startswith(b"HTTP/1.1 %d " % status), data
@@ -140,7 +95,8 @@ async def test_clients_that_do_their_part_are_not_cut_off(one_node: OneNode) -> 
 
 async def _keep_alive_requests(chat: Chat) -> None:
     """Requests sent back to back on one connection are each answered on it."""
-    async with raw_socket(chat.node) as (reader, writer):
+    reader, writer = await asyncio.open_connection(chat.node.host, chat.node.port)
+    try:
         for _ in range(3):
             writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
             await writer.drain()
@@ -153,6 +109,8 @@ async def _keep_alive_requests(chat: Chat) -> None:
                     length = int(value)
             await reader.readexactly(length)
             await asyncio.sleep(TIMEOUT_S / 2)
+    finally:
+        writer.close()
 
 
 BODY_CHARS = 20_000  # 200 of them: a 4 MB history page, more than loopback buffers hold
