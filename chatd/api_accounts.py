@@ -41,12 +41,12 @@ async def logout(request: web.Request) -> web.Response:
 
 
 async def me(request: web.Request) -> web.Response:
-    principal = await auth.authenticate(request)
+    principal = await auth.authenticate_read(request)
     return web.json_response({"user_id": principal.user_id, "username": principal.username})
 
 
 async def users(request: web.Request) -> web.Response:
-    await auth.authenticate(request)
+    await auth.authenticate_read(request)
     username = request.query.get("username")
     if username is None:
         raise ChatError("bad_request", "missing query parameter 'username'")

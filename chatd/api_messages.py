@@ -6,7 +6,7 @@ from aiohttp import web
 
 from chatd import messages
 from chatd.appkeys import NODE
-from chatd.auth import authenticate
+from chatd.auth import authenticate, authenticate_read
 from chatd.errors import ChatError
 from chatd.http import field, read_json
 from chatd.protocol import MAX_SEQ
@@ -28,7 +28,7 @@ def _int_param(raw: str | None, name: str, *, lo: int, hi: int,
 
 
 async def list_messages(request: web.Request) -> web.Response:
-    me = await authenticate(request)
+    me = await authenticate_read(request)
     query = request.query
     after = _int_param(query.get("after_seq"), "after_seq", lo=0, hi=MAX_SEQ)
     before = _int_param(query.get("before_seq"), "before_seq", lo=0, hi=MAX_SEQ)
@@ -56,7 +56,7 @@ async def post_message(request: web.Request) -> web.Response:
 
 
 async def get_message(request: web.Request) -> web.Response:
-    me = await authenticate(request)
+    me = await authenticate_read(request)
     seq = _int_param(request.match_info["seq"], "seq", lo=0, hi=MAX_SEQ)
     assert seq is not None
     message = await messages.message_with_status(request.app[NODE], me.user_id,
@@ -65,7 +65,7 @@ async def get_message(request: web.Request) -> web.Response:
 
 
 async def get_receipts(request: web.Request) -> web.Response:
-    me = await authenticate(request)
+    me = await authenticate_read(request)
     receipts = await messages.receipts(request.app[NODE], me.user_id,
                                        request.match_info["room_id"])
     return web.json_response({"receipts": receipts})

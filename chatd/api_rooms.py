@@ -15,7 +15,7 @@ from aiohttp import web
 
 from chatd import keys, ratelimit, rooms
 from chatd.appkeys import NODE
-from chatd.auth import Principal, authenticate
+from chatd.auth import Principal, authenticate, authenticate_read
 from chatd.errors import ChatError
 from chatd.http import field, read_json
 
@@ -61,13 +61,13 @@ async def create_room(request: web.Request) -> web.Response:
 
 
 async def list_rooms(request: web.Request) -> web.Response:
-    principal = await authenticate(request)
+    principal = await authenticate_read(request)
     return web.json_response({"rooms": await rooms.list_rooms(request.app[NODE],
                                                               principal.user_id)})
 
 
 async def get_room(request: web.Request) -> web.Response:
-    principal = await authenticate(request)
+    principal = await authenticate_read(request)
     room = await rooms.get_room(request.app[NODE], request.match_info["room_id"],
                                 principal.user_id)
     return web.json_response(room)

@@ -210,6 +210,13 @@ async def authenticate(request: web.Request) -> Principal:
     return await verify_token(request.app[NODE], token)
 
 
+async def authenticate_read(request: web.Request) -> Principal:
+    """The caller of a read, who has taken a token of its read bucket."""
+    principal = await authenticate(request)
+    await ratelimit.take_read(request.app[NODE], principal.user_id)
+    return principal
+
+
 async def logout(node: Node, principal: Principal) -> None:
     """Revoke the session on every node: the record first, then the live connections."""
     await node.redis.cmd.delete(keys.session(principal.user_id, principal.session_id))

@@ -94,6 +94,8 @@ class LimitsSettings:
     send_burst: int = _opt(40, lo=1, hi=1_000_000)
     room_ops_rate_per_s: float = _opt(1.0, lo=0.001, hi=1_000_000)
     room_ops_burst: int = _opt(60, lo=1, hi=1_000_000)
+    read_rate_per_s: float = _opt(50.0, lo=0.001, hi=1_000_000)
+    read_burst: int = _opt(500, lo=1, hi=1_000_000)
     frame_rate_per_s: float = _opt(100.0, lo=0.001, hi=1_000_000)
     frame_burst: int = _opt(200, lo=1, hi=1_000_000)
     send_queue_max: int = _opt(2048, lo=16, hi=1_000_000)

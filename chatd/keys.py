@@ -74,6 +74,10 @@ def room_ops_bucket(uid: str) -> str:
     return f"{PREFIX}:{{u:{uid}}}:bucket:rooms"
 
 
+def read_bucket(uid: str) -> str:
+    return f"{PREFIX}:{{u:{uid}}}:bucket:reads"
+
+
 def login_bucket_ip(ip: str) -> str:
     return f"{PREFIX}:bucket:login:ip:{{{ip}}}"
 

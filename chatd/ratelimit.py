@@ -6,6 +6,7 @@ its requests over several nodes gets the same budget as on one node.
 
 from __future__ import annotations
 
+from chatd import keys
 from chatd.errors import ChatError
 from chatd.node import Node
 
@@ -17,3 +18,10 @@ async def take(node: Node, bucket_key: str, rate_per_s: float, burst: int) -> No
     if not int(taken):
         raise ChatError("rate_limited", "too many requests, retry later",
                         retry_after_ms=int(retry_after_ms))
+
+
+async def take_read(node: Node, user_id: str) -> None:
+    """Reads are cheap one by one, but a page can be 200 messages and a user look-up
+    tells whether a name exists: a script looping over them must be slowed."""
+    limits = node.settings.limits
+    await take(node, keys.read_bucket(user_id), limits.read_rate_per_s, limits.read_burst)

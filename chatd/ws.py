@@ -16,7 +16,7 @@ from aiohttp import WSMsgType, web
 from aiohttp.abc import AbstractStreamWriter
 from redis.exceptions import RedisError
 
-from chatd import auth, keys, messages, presence, protocol, rooms
+from chatd import auth, keys, messages, presence, protocol, ratelimit, rooms
 from chatd.appkeys import FANOUT, NODE
 from chatd.auth import Principal
 from chatd.conn import Conn
@@ -331,6 +331,7 @@ async def _dispatch(node: Node, conn: Conn, frame: protocol.ClientFrame) -> None
     elif isinstance(frame, protocol.Typing):
         await messages.typing(node, uid, frame.room_id, frame.active)
     elif isinstance(frame, protocol.History):
+        await ratelimit.take_read(node, uid)
         after = frame.after_seq
         if after is None and frame.before_seq is None:
             after = 0

@@ -209,3 +209,31 @@ async def test_get_one_message_with_out_of_range_seq_is_a_client_error(
             assert status in (400, 404), (seq, status, body)
             assert body["error"]["code"] in ("bad_request", "not_found"), (seq, body)
     assert "Traceback" not in chat.node.log_text()
+
+
+async def test_reads_are_rate_limited_per_user(one_node: OneNode) -> None:
+    """Every authenticated GET and every `history` frame take a token from one bucket per
+    user (`limits.read_rate_per_s`, `read_burst`): past it 429 `rate_limited` with
+    Retry-After (an error frame with `retry_after_ms` on the WebSocket), before
+    membership is checked; sending and another user's reads are untouched."""
+    async with one_node.chat({"CHATD_LIMITS__READ_BURST": "2",
+                              "CHATD_LIMITS__READ_RATE_PER_S": "0.01"}) as chat:
+        api = chat.api
+        alice, bob = await api.users(2)
+        room = await api.direct(alice, bob)
+        ws = await chat.connect(alice)
+        await api.get("/api/v1/me", alice)  # 1
+        assert (await ws_page(ws, {"room_id": room}))["type"] == "history"  # 2
+        for path in ("/me", f"/users?username={bob.username}", "/rooms", f"/rooms/{room}",
+                     f"/rooms/{room}/messages", f"/rooms/{room}/messages/1",
+                     f"/rooms/{room}/receipts", f"/rooms/{secrets.token_urlsafe(20)}"):
+            async with api.session.get(f"{api.base}/api/v1{path}", headers=alice.headers) as r:
+                error = (await r.json())["error"]
+                assert (r.status, error["code"]) == (429, "rate_limited"), (path, error)
+                assert error["retry_after_ms"] > 0 and int(r.headers["Retry-After"]) >= 1
+        reply = await ws_page(ws, {"room_id": room})
+        assert (reply["type"], reply["code"]) == ("error", "rate_limited"), reply
+        assert reply["retry_after_ms"] > 0
+        ack = await ws.send_message(room, "still sending")
+        assert ack["type"] == "ack" and ack["seq"] == 1, ack
+        assert [m["body"] for m in await api.messages(bob, room)] == ["still sending"]
