@@ -6,8 +6,10 @@ from aiohttp import web
 
 from chatd.config import Settings
 from chatd.fanout import Fanout
+from chatd.hellowaits import HelloWaits
 from chatd.node import Node
 
 SETTINGS = web.AppKey("settings", Settings)
 NODE = web.AppKey("node", Node)
 FANOUT = web.AppKey("fanout", Fanout)
+HELLO_WAITS = web.AppKey("hello_waits", HelloWaits)

@@ -17,11 +17,13 @@ from aiohttp.abc import AbstractStreamWriter
 from redis.exceptions import RedisError
 
 from chatd import auth, keys, messages, presence, protocol, ratelimit, rooms
-from chatd.appkeys import FANOUT, NODE
+from chatd.appkeys import FANOUT, HELLO_WAITS, NODE, SETTINGS
 from chatd.auth import Principal
 from chatd.conn import Conn
 from chatd.errors import ChatError, TooManyConnections
 from chatd.fanout import Fanout
+from chatd.hellowaits import HelloWait, HelloWaits
+from chatd.http import client_ip
 from chatd.node import Node
 from chatd.protocol import (
     CLOSE_HELLO_TIMEOUT,
@@ -53,45 +55,48 @@ async def handler(request: web.Request) -> web.StreamResponse:
     limits = node.settings.limits
     if not origin_allowed(request, node.settings.server.allowed_origins):
         raise ChatError("forbidden", "origin not allowed")
-    # No permessage-deflate: chat frames are small, and compressing every frame
-    # for every recipient would cost more CPU than the bytes it saves.
-    # aiohttp refuses a message of max_msg_size bytes or more; the protocol refuses only
-    # frames *over* max_frame_bytes.
-    # No aiohttp heartbeat and no autoping: pings and pongs are ours (heartbeat.py).
-    ws = web.WebSocketResponse(autoping=False, max_msg_size=limits.max_frame_bytes + 1,
-                               decode_text=False, compress=False)
-    out = await ws.prepare(request)
-    node.metrics.connections.inc()
-    try:
-        conn = await _open(request, ws, out, node)
-        if conn is not None:
-            await _read_loop(ws, node, request.app[FANOUT], conn)
-    except (ChatError, RedisError, OSError) as e:
-        log.warning("connection ended by a storage error", extra={"error": repr(e)})
-        if not ws.closed:
-            await ws.close(code=CLOSE_INTERNAL)
-    except Exception:
-        # Nothing may reach the HTTP error middleware once the socket is a WebSocket:
-        # its JSON error response would be written into the WebSocket stream, which the
-        # client sees as a corrupt frame (1002). Seen with redis-py raising RuntimeError
-        # on a connection its cluster client closed under it during a failover.
-        log.exception("unhandled error in websocket")
-        if not ws.closed:
-            await ws.close(code=CLOSE_INTERNAL)
-    finally:
-        node.metrics.connections.dec()
-        node.metrics.closes.labels(str(ws.close_code)).inc()
+    with request.app[HELLO_WAITS].enter(client_ip(request)) as wait:
+        # No permessage-deflate: chat frames are small, and compressing every frame
+        # for every recipient would cost more CPU than the bytes it saves.
+        # aiohttp refuses a message of max_msg_size bytes or more; the protocol refuses
+        # only frames *over* max_frame_bytes.
+        # No aiohttp heartbeat and no autoping: pings and pongs are ours (heartbeat.py).
+        ws = web.WebSocketResponse(autoping=False, max_msg_size=limits.max_frame_bytes + 1,
+                                   decode_text=False, compress=False)
+        out = await ws.prepare(request)
+        node.metrics.connections.inc()
+        try:
+            conn = await _open(request, ws, out, node, wait)
+            if conn is not None:
+                await _read_loop(ws, node, request.app[FANOUT], conn)
+        except (ChatError, RedisError, OSError) as e:
+            log.warning("connection ended by a storage error", extra={"error": repr(e)})
+            if not ws.closed:
+                await ws.close(code=CLOSE_INTERNAL)
+        except Exception:
+            # Nothing may reach the HTTP error middleware once the socket is a WebSocket:
+            # its JSON error response would be written into the WebSocket stream, which
+            # the client sees as a corrupt frame (1002). Seen with redis-py raising
+            # RuntimeError on a connection its cluster client closed under it during a
+            # failover.
+            log.exception("unhandled error in websocket")
+            if not ws.closed:
+                await ws.close(code=CLOSE_INTERNAL)
+        finally:
+            node.metrics.connections.dec()
+            node.metrics.closes.labels(str(ws.close_code)).inc()
     return ws
 
 
 async def _open(request: web.Request, ws: web.WebSocketResponse, out: AbstractStreamWriter,
-                node: Node) -> Conn | None:
+                node: Node, wait: HelloWait) -> Conn | None:
     """`hello`, the welcome and going live; None when the connection was refused.
 
     A coroutine of its own that ends before the read loop starts: the hello, the
     token and the principal go with its frame instead of staying alive as long as
     the connection."""
     hello = await _read_hello(ws, node)
+    wait.leave()
     if hello is None:
         return None
     token = hello.token or auth.bearer_token(request) or ""
@@ -346,4 +351,7 @@ async def _dispatch(node: Node, conn: Conn, frame: protocol.ClientFrame) -> None
 
 
 def add_routes(app: web.Application) -> None:
+    limits = app[SETTINGS].limits
+    app[HELLO_WAITS] = HelloWaits(limits.hello_waits_per_ip,
+                                  retry_after_ms=int(limits.auth_timeout_s * 1000))
     app.router.add_get("/ws", handler)
