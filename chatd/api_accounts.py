@@ -8,7 +8,7 @@ from aiohttp import web
 from chatd import auth
 from chatd.appkeys import NODE, SETTINGS
 from chatd.errors import ChatError
-from chatd.http import client_ip, field, read_json
+from chatd.http import client_key, field, read_json
 
 PREFIX = "/api/v1"
 
@@ -21,14 +21,14 @@ async def _credentials(request: web.Request) -> tuple[str, str]:
 async def register(request: web.Request) -> web.Response:
     username, password = await _credentials(request)
     user_id, name = await auth.register(request.app[NODE], request.app[auth.PASSWORDS],
-                                        username, password, client_ip(request))
+                                        username, password, client_key(request))
     return web.json_response({"user_id": user_id, "username": name}, status=201)
 
 
 async def login(request: web.Request) -> web.Response:
     username, password = await _credentials(request)
     session = await auth.login(request.app[NODE], request.app[auth.PASSWORDS],
-                               username, password, client_ip(request))
+                               username, password, client_key(request))
     return web.json_response({"token": session.token, "user_id": session.user_id,
                               "username": session.username, "session_id": session.session_id,
                               "expires_at": session.expires_at})

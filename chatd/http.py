@@ -113,11 +113,27 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     return body
 
 
-def client_ip(request: web.Request) -> str:
-    """The address a request comes from, for per-client limits (`server.trusted_proxies`)."""
-    return forwarded_client(request.remote or "unknown",
-                            request.headers.getall(hdrs.X_FORWARDED_FOR, []),
-                            request.app[NODE].settings.server.trusted_proxies)
+def client_key(request: web.Request) -> str:
+    """Who a request is counted against by per-client limits: the address it comes from
+    (`server.trusted_proxies`), as `limit_unit` groups it."""
+    return limit_unit(forwarded_client(request.remote or "unknown",
+                                       request.headers.getall(hdrs.X_FORWARDED_FOR, []),
+                                       request.app[NODE].settings.server.trusted_proxies))
+
+
+def limit_unit(address: str) -> str:
+    """An IPv4 address, or the /64 an IPv6 address is in: a host or a site is routed a
+    whole /64 and may use any address in it, so one address per limit would let one
+    client take 2**64 shares. An IPv4 address mapped into IPv6 is that IPv4 address."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return address
 
 
 def forwarded_client(peer: str, forwarded_for: list[str], trusted: tuple[str, ...]) -> str:

@@ -23,7 +23,7 @@ from chatd.conn import Conn
 from chatd.errors import ChatError, TooManyConnections
 from chatd.fanout import Fanout
 from chatd.hellowaits import HelloWait, HelloWaits
-from chatd.http import client_ip
+from chatd.http import client_key
 from chatd.node import Node
 from chatd.protocol import (
     CLOSE_HELLO_TIMEOUT,
@@ -55,7 +55,7 @@ async def handler(request: web.Request) -> web.StreamResponse:
     limits = node.settings.limits
     if not origin_allowed(request, node.settings.server.allowed_origins):
         raise ChatError("forbidden", "origin not allowed")
-    with request.app[HELLO_WAITS].enter(client_ip(request)) as wait:
+    with request.app[HELLO_WAITS].enter(client_key(request)) as wait:
         # No permessage-deflate: chat frames are small, and compressing every frame
         # for every recipient would cost more CPU than the bytes it saves.
         # aiohttp refuses a message of max_msg_size bytes or more; the protocol refuses

@@ -1,11 +1,11 @@
-"""Which address a request is counted against (`chatd.http.forwarded_client`,
+"""Which address a request is counted against (`chatd.http.forwarded_client`, `limit_unit`,
 `server.trusted_proxies`). Pure: addresses in, address out."""
 
 from __future__ import annotations
 
 import pytest
 
-from chatd.http import forwarded_client
+from chatd.http import forwarded_client, limit_unit
 
 PROXIES = ("10.0.0.5", "10.1.0.0/16", "fd00::/8")
 
@@ -38,3 +38,20 @@ PROXIES = ("10.0.0.5", "10.1.0.0/16", "fd00::/8")
 def test_forwarded_client(peer: str, forwarded: list[str], trusted: tuple[str, ...],
                           client: str) -> None:
     assert forwarded_client(peer, forwarded, trusted) == client
+
+
+@pytest.mark.parametrize(("address", "unit"), [
+    ("203.0.113.7", "203.0.113.7"),
+    ("127.0.0.1", "127.0.0.1"),
+    # Every address of a /64 is one client.
+    ("2001:db8::7", "2001:db8::/64"),
+    ("2001:db8::ffff:ffff:ffff:fffe", "2001:db8::/64"),
+    ("2001:db8:0:1::7", "2001:db8:0:1::/64"),
+    ("::1", "::/64"),
+    ("fe80::1%eth0", "fe80::/64"),
+    # An IPv4 client seen through a dual-stack socket or header counts as itself.
+    ("::ffff:198.51.100.1", "198.51.100.1"),
+    ("unknown", "unknown"),
+])
+def test_limit_unit(address: str, unit: str) -> None:
+    assert limit_unit(address) == unit
