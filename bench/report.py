@@ -212,11 +212,17 @@ def targets(result: ScenarioResult) -> list[str]:
             out.append(f"p99 at half of saturation (< {P99_TARGET_MS:g} ms): not measured, no "
                        f"step that kept up at {_f(half, 0)} sends/s or more; add one to --rates")
         else:
-            at = min(above, key=lambda s: s.offered)
-            met = at.p99_ms is not None and at.p99_ms < P99_TARGET_MS
+            rate = min(s.offered for s in above)
+            # A rate given more than once in --rates is judged by the median of its
+            # steps: one step's p99 moves by 2x and more from run to run on a busy VM.
+            p99s = [s.p99_ms for s in above if s.offered == rate and s.p99_ms is not None]
+            p99 = statistics.median(p99s) if p99s else None
+            met = p99 is not None and p99 < P99_TARGET_MS
+            which = (f"median p99 of {len(p99s)} steps ({', '.join(_f(v) for v in p99s)})"
+                     if len(p99s) > 1 else "p99")
             out.append(f"p99 at half of saturation (< {P99_TARGET_MS:g} ms): saturated at "
-                       f"{_f(saturated[0].offered, 0)} sends/s; at {_f(at.offered, 0)} sends/s "
-                       f"p99 {_f(at.p99_ms)} ms: {'met' if met else 'NOT met'}")
+                       f"{_f(saturated[0].offered, 0)} sends/s; at {_f(rate, 0)} sends/s "
+                       f"{which} {_f(p99)} ms: {'met' if met else 'NOT met'}")
     scripts = max(s.scripts_per_send for s in steps)
     out.append(f"script calls per send (1): at most {_f(scripts, 2)}: "
                f"{'met' if scripts <= 1.0 else 'NOT met'}")

@@ -73,3 +73,12 @@ def test_other_scenarios_have_no_targets_block() -> None:
     result.scenario = "fanout"
     assert targets(result) == []
     assert "targets (" not in render(result)
+
+
+def test_a_rate_given_more_than_once_is_judged_by_its_median_step() -> None:
+    result = rooms(step("chatd", 5000, p99=16.0), step("chatd", 5000, p99=4.0),
+                   step("chatd", 5000, p99=4.5), step("chatd", 6000, p99=3.0),
+                   step("chatd", 10000, saturated="behind"))
+    assert targets(result)[0] == (
+        "p99 at half of saturation (< 5 ms): saturated at 10,000 sends/s; at 5,000 sends/s "
+        "median p99 of 3 steps (16.0, 4.0, 4.5) 4.5 ms: met")
