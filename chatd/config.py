@@ -102,6 +102,7 @@ class LimitsSettings:
     send_queue_max: int = _opt(2048, lo=16, hi=1_000_000)
     idempotency_ttl_s: int = _opt(86400, lo=1, hi=30 * 86400)
     max_room_members: int = _opt(10000, lo=2, hi=1_000_000)
+    max_rooms_per_user: int = _opt(10000, lo=1, hi=1_000_000)
 
 
 @dataclass(frozen=True)

@@ -160,6 +160,7 @@ async def create_group(node: Node, creator: str, name: str,
         raise ChatError("bad_request", f"a room has at most "
                         f"{node.settings.limits.max_room_members} members")
     await _require_users(node, others)
+    await _require_room_space(node, [creator, *others])
     room_id = secrets.token_urlsafe(20)
     p = keys.partition_of(room_id, node.partitions)
     roles = {creator: "owner"} | {m: "member" for m in others}
@@ -182,12 +183,14 @@ async def create_direct(node: Node, creator: str, other: str) -> tuple[dict[str,
         raise ChatError("bad_request", "a direct room needs another user than yourself")
     await _require_users(node, [other])
     p = keys.direct_pair_partition(creator, other, node.partitions)
+    pair = keys.direct_pair(p, creator, other)
+    if not await node.redis.cmd.exists(pair):  # the pair's room is theirs at any count
+        await _require_room_space(node, [creator, other])
     room_id = secrets.token_urlsafe(20)
     while keys.partition_of(room_id, node.partitions) != p:
         room_id = secrets.token_urlsafe(20)
     return await _create(node, p, room_id, "direct", "", creator,
-                         {creator: "member", other: "member"},
-                         pair=keys.direct_pair(p, creator, other))
+                         {creator: "member", other: "member"}, pair=pair)
 
 
 async def _create(node: Node, p: int, room_id: str, kind: str, name: str, creator: str,
@@ -219,6 +222,26 @@ async def _require_users(node: Node, user_ids: Sequence[str]) -> None:
         raise ChatError("bad_request", "unknown user id in members")
 
 
+async def _require_room_space(node: Node, user_ids: Sequence[str],
+                              room_id: str | None = None) -> None:
+    """Each user may join one more room (`room_id`, if given, they may be in already).
+
+    Every room of a user is joined again at each of its connections' welcome, and
+    others choose the rooms a user is added to: without a cap, another account
+    could make that user's every connection as costly as it liked. Read before the
+    room side runs, so concurrent additions may pass it together."""
+    cap = node.settings.limits.max_rooms_per_user
+    async with node.redis.cmd.pipeline(transaction=False) as pipe:
+        for user_id in user_ids:
+            pipe.scard(keys.user_rooms(user_id))
+            pipe.sismember(keys.user_rooms(user_id), room_id or "")
+        replies = await pipe.execute()
+    for user_id, count, member in zip(user_ids, replies[::2], replies[1::2], strict=True):
+        if count >= cap and not member:
+            raise ChatError("conflict", f"user {user_id} is in {cap} rooms, the most a "
+                            "user may be in (limits.max_rooms_per_user)")
+
+
 # --- membership ------------------------------------------------------------------
 
 async def add_member(node: Node, room_id: str, actor: str, subject: str,
@@ -230,6 +253,8 @@ async def add_member(node: Node, room_id: str, actor: str, subject: str,
     if role not in GRANTABLE_ROLES:
         raise ChatError("bad_request", "role must be 'member' or 'admin'")
     exists = keys.is_valid_id(subject) and bool(await node.redis.cmd.exists(keys.user(subject)))
+    if exists:
+        await _require_room_space(node, [subject], room_id)
     added, seq, *entry = await _room_side(node, "add_member", room_id, actor, subject, "added",
                                           [role, int(exists),
                                            node.settings.limits.max_room_members])

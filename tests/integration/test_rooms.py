@@ -267,6 +267,41 @@ async def test_room_changes_are_rate_limited_per_user(make_client: MakeClient) -
     assert await group(client, other)  # someone else's bucket
 
 
+async def test_rooms_per_user_are_capped(make_client: MakeClient) -> None:
+    """`limits.max_rooms_per_user`: a room that would take a user past it is not created,
+    and the user is not added (409 `conflict`); the direct room a pair has already is
+    still theirs, adding someone who is in the room already is still a no-op, and a user
+    who leaves a room may join another."""
+    client = await make_client(**{"limits.max_rooms_per_user": 2})
+    full, friend, other = [await new_user(client, n) for n in ("full", "friend", "other")]
+    first = await group(client, full)
+    status, direct = await create(client, full, {"kind": "direct", "members": [friend.user_id]})
+    assert status == 201, direct
+    refused = [
+        await create(client, full, {"kind": "group", "name": "third"}),
+        await create(client, other, {"kind": "group", "name": "with full",
+                                     "members": [friend.user_id, full.user_id]}),
+        await create(client, full, {"kind": "direct", "members": [other.user_id]}),
+        await call(client, "POST", f"/rooms/{await group(client, other)}/members",
+                   {"user_id": full.user_id}, token=other.token),
+    ]
+    for status, body in refused:
+        assert (status, error_code(body)) == (409, "conflict"), body
+        assert "max_rooms_per_user" in body["error"]["message"]
+    assert sorted(await room_ids(client, full)) == sorted([first, direct["room_id"]])
+    assert await room_ids(client, friend) == [direct["room_id"]]  # not in "with full"
+    assert len(await room_ids(client, other)) == 1  # its own group only
+
+    again = await create(client, full, {"kind": "direct", "members": [friend.user_id]})
+    assert again == (200, direct)
+    assert (await call(client, "POST", f"/rooms/{first}/members", {"user_id": full.user_id},
+                       token=full.token))[0] == 204
+    assert (await call(client, "DELETE", f"/rooms/{first}/members/{full.user_id}",
+                       token=full.token))[0] == 204
+    third = await group(client, full, name="third")
+    assert sorted(await room_ids(client, full)) == sorted([third, direct["room_id"]])
+
+
 async def test_crash_between_room_side_and_user_side(client: Client,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """The node dies after the members hash changed and before the user's index did."""
