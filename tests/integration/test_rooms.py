@@ -45,7 +45,7 @@ async def room_ids(client: Client, user: User) -> list[str]:
 # --- the authorization matrix ----------------------------------------------------------
 
 async def test_authorization_matrix(make_client: MakeClient) -> None:
-    # Hundreds of room changes by the same few users: over limits.room_ops_burst.
+    # Hundreds of room changes by the same few users: clear of limits.room_ops_burst.
     client = await make_client(**{"limits.room_ops_burst": 100_000})
     owner, admin, member, outsider = [await new_user(client, n)
                                       for n in ("owner", "admin", "member", "outsider")]
