@@ -222,9 +222,17 @@ async def _require_users(node: Node, user_ids: Sequence[str]) -> None:
         raise ChatError("bad_request", "unknown user id in members")
 
 
-async def _require_room_space(node: Node, user_ids: Sequence[str],
-                              room_id: str | None = None) -> None:
-    """Each user may join one more room (`room_id`, if given, they may be in already).
+async def _require_room_space(node: Node, user_ids: Sequence[str]) -> None:
+    """For a new room: each user may join one more."""
+    full = await _full_users(node, user_ids)
+    if full:
+        raise ChatError("conflict", f"user {full[0]} is in the maximum number of rooms "
+                        "(limits.max_rooms_per_user)")
+
+
+async def _full_users(node: Node, user_ids: Sequence[str],
+                      room_id: str | None = None) -> list[str]:
+    """The users who may join no more rooms (`room_id`, if given, they may be in already).
 
     Every room of a user is joined again at each of its connections' welcome, and
     others choose the rooms a user is added to: without a cap, another account
@@ -236,10 +244,9 @@ async def _require_room_space(node: Node, user_ids: Sequence[str],
             pipe.scard(keys.user_rooms(user_id))
             pipe.sismember(keys.user_rooms(user_id), room_id or "")
         replies = await pipe.execute()
-    for user_id, count, member in zip(user_ids, replies[::2], replies[1::2], strict=True):
-        if count >= cap and not member:
-            raise ChatError("conflict", f"user {user_id} is in {cap} rooms, the most a "
-                            "user may be in (limits.max_rooms_per_user)")
+    return [user_id for user_id, count, member
+            in zip(user_ids, replies[::2], replies[1::2], strict=True)
+            if count >= cap and not member]
 
 
 # --- membership ------------------------------------------------------------------
@@ -253,11 +260,11 @@ async def add_member(node: Node, room_id: str, actor: str, subject: str,
     if role not in GRANTABLE_ROLES:
         raise ChatError("bad_request", "role must be 'member' or 'admin'")
     exists = keys.is_valid_id(subject) and bool(await node.redis.cmd.exists(keys.user(subject)))
-    if exists:
-        await _require_room_space(node, [subject], room_id)
+    # Judged by the script after the actor's rights, so that it tells nobody else.
+    full = exists and bool(await _full_users(node, [subject], room_id))
     added, seq, *entry = await _room_side(node, "add_member", room_id, actor, subject, "added",
                                           [role, int(exists),
-                                           node.settings.limits.max_room_members])
+                                           node.settings.limits.max_room_members, int(full)])
     if added:
         await _index_step(node, keys.partition_of(room_id, node.partitions), room_id, subject,
                           member=True, entry=entry[0])

@@ -288,6 +288,10 @@ async def test_rooms_per_user_are_capped(make_client: MakeClient) -> None:
     for status, body in refused:
         assert (status, error_code(body)) == (409, "conflict"), body
         assert "max_rooms_per_user" in body["error"]["message"]
+    # Rights come first: to a non-member the room is not found, full user or not.
+    status, body = await call(client, "POST", f"/rooms/{first}/members",
+                              {"user_id": full.user_id}, token=other.token)
+    assert (status, error_code(body)) == (404, "not_found"), body
     assert sorted(await room_ids(client, full)) == sorted([first, direct["room_id"]])
     assert await room_ids(client, friend) == [direct["room_id"]]  # not in "with full"
     assert len(await room_ids(client, other)) == 1  # its own group only
