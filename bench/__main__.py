@@ -10,10 +10,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.cluster import BenchError, raise_nofile_limit
+from bench.cluster import BenchError
 from bench.peers import node_setup
 from bench.report import load_json, render, write_chart, write_json
 from bench.scenarios import PEER_SCENARIOS, PEERS, SCENARIOS, Options, run
+from chatd.listen import raise_open_files_limit
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -144,7 +145,7 @@ def _unavailable_peers(peers: tuple[str, ...]) -> dict[str, str]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    raise_nofile_limit()
+    raise_open_files_limit()  # thousands of sockets per process
     command = "python -m bench " + shlex.join(sys.argv[1:])
     scenarios = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
     wants_peers = bool(args.peers) and any(s in PEER_SCENARIOS for s in scenarios)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-import resource
 import shutil
 import signal
 import socket
@@ -60,13 +59,6 @@ _ArgvFor = Callable[[int, str, Path], list[str]]
 
 class BenchError(RuntimeError):
     """A process of the run did not come up or died (message has its log tail)."""
-
-
-def raise_nofile_limit() -> None:
-    """Thousands of sockets per process: lift the soft fd limit to the hard one."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def free_port() -> int:

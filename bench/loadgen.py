@@ -30,11 +30,12 @@ import psutil
 
 from bench.chatd_client import ChatdClient
 from bench.client_base import BaseClient
-from bench.cluster import BenchError, cpu_seconds, raise_nofile_limit
+from bench.cluster import BenchError, cpu_seconds
 from bench.peers.sio_client import SioClient
 from bench.plan import FEEDER, MEMBER, ConnSpec
 from bench.tracking import FEED_STEP, Recorder, results_payload
 from bench.waketimer import WakeTimer
+from chatd.listen import raise_open_files_limit
 
 # Setup only (not measured): a moderate burst of hellos per process. The resume
 # scenario reconnects everyone at once on purpose.
@@ -73,7 +74,7 @@ def source_address(idx: int) -> str:
 
 
 def worker_main(cfg: WorkerConfig, pipe: Connection) -> None:
-    raise_nofile_limit()
+    raise_open_files_limit()  # thousands of sockets per process
     run(Worker(cfg, pipe).main())
 
 

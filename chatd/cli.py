@@ -72,6 +72,7 @@ async def serve(settings: config.Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    max_open_files = listen.raise_open_files_limit()
     try:
         await runner.setup()
         try:
@@ -88,7 +89,9 @@ async def serve(settings: config.Settings) -> None:
         gc.freeze()
         host = settings.server.host
         shown = f"[{host}]" if ":" in host else host
-        log.info("chatd ready", extra={"url": f"http://{shown}:{settings.server.port}/"})
+        # Each connection takes one file: the figure that bounds the node's connections.
+        log.info("chatd ready", extra={"url": f"http://{shown}:{settings.server.port}/",
+                                       "max_open_files": max_open_files})
         # stdout, so that stderr stays JSON lines for log collectors.
         print(f"chatd ready: web client on http://{shown}:{settings.server.port}/", flush=True)
         await stop.wait()

@@ -1,5 +1,6 @@
 """The node's listening sockets, bound as asyncio's `create_server` binds a host and
-port, with TCP_USER_TIMEOUT set on them: every connection they accept inherits it.
+port, with TCP_USER_TIMEOUT set on them: every connection they accept inherits it;
+and the number of sockets the process may hold.
 
 TCP_USER_TIMEOUT bounds how long data we sent may stay unacknowledged, a receive
 window kept shut included. Without it a peer that stops reading holds its socket,
@@ -9,7 +10,23 @@ and the kernel probes a shut window for ever.
 
 from __future__ import annotations
 
+import resource
 import socket
+
+
+def raise_open_files_limit() -> int:
+    """Lift the soft limit on open files to the hard one; the limit now in force.
+
+    Every connection is a file. Many systems start processes with a soft limit of
+    1024 under a far higher hard one, which would stop a node near a thousand
+    connections for no reason: the soft limit is only a default."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):  # an unlimited hard limit is above the kernel's cap
+            return soft
+    return hard
 
 
 def bind(host: str, port: int, send_timeout_s: float) -> list[socket.socket]:

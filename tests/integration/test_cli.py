@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -26,14 +27,17 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import psutil
 import pytest
 
-from tests.client import FAST_ENV, Api
+from tests.client import FAST_ENV, Api, connect
 from tests.harness import REPO_ROOT, free_port, release_port
 
 PYTHON_M = [sys.executable, "-m", "chatd"]
 CONSOLE = [str(Path(sys.executable).parent / "chatd")]
 SHUTDOWN_S = 5.0
+LOW_SOFT_LIMIT = 256  # open files, as a stingy system might start chatd
+FILES = 128  # the open files limit (soft and hard) the exhaustion test gives chatd
 
 
 def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -238,6 +242,7 @@ class Chatd:
         self.port = port
         self.env = dict(env)
         self.proc: subprocess.Popen[bytes] | None = None
+        self.wrapper: list[str] = []  # a command that execs chatd's, e.g. prlimit
         self.runs = 0
         self.stderr_path = workdir / "stderr-0.log"
 
@@ -248,7 +253,8 @@ class Chatd:
     def spawn(self) -> None:
         self.runs += 1
         self.stderr_path = self.workdir / f"stderr-{self.runs}.log"
-        argv = [*PYTHON_M, "--port", str(self.port), "--data-dir", str(self.data_dir)]
+        argv = [*self.wrapper, *PYTHON_M, "--port", str(self.port),
+                "--data-dir", str(self.data_dir)]
         setpriv = shutil.which("setpriv")
         if setpriv:  # dies with pytest, even if pytest is SIGKILLed
             argv = [setpriv, "--pdeathsig", "KILL", "--", *argv]
@@ -394,6 +400,72 @@ async def test_ready_log_line_names_the_url(chatd: Chatd,
     assert ready["level"] == "info"
     assert ready["url"] == f"{chatd.url}/"
     assert [r["msg"] for r in records][-1] == "stopped"
+
+
+async def test_the_open_files_limit_is_raised_to_the_hard_one(
+        chatd: Chatd, session: aiohttp.ClientSession) -> None:
+    """Each connection is a file: a soft limit of 1024 under a higher hard one would cap a
+    node near a thousand connections, so chatd lifts it and names it when ready."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= LOW_SOFT_LIMIT:
+        pytest.skip(f"the hard limit on open files here is {hard}: nothing to raise")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (LOW_SOFT_LIMIT, hard))
+    try:
+        await chatd.start(session)  # inherits the low soft limit
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert chatd.proc is not None
+    assert psutil.Process(chatd.proc.pid).rlimit(psutil.RLIMIT_NOFILE) == (hard, hard)
+    [ready] = [r for r in chatd.records() if r["msg"] == "chatd ready"]
+    assert ready["max_open_files"] == hard
+    await stop_gracefully(chatd)
+
+
+async def test_past_the_open_files_limit_new_connections_are_dropped_and_open_ones_go_on(
+        chatd: Chatd, session: aiohttp.ClientSession) -> None:
+    """With every file in use, the kernel's accept fails: chatd drops the connection it
+    cannot take, neither spins nor crashes, keeps delivering on the open ones, and takes
+    new ones again once files are free."""
+    prlimit = shutil.which("prlimit")
+    if prlimit is None:
+        pytest.skip("prlimit (util-linux) is not installed")
+    chatd.wrapper = [prlimit, f"--nofile={FILES}:{FILES}"]
+    await chatd.start(session)
+    api = Api(session, chatd.url)
+    alice, bob = await api.register(), await api.register()
+    room = await api.direct(alice, bob)
+    ws_url = chatd.url.replace("http://", "ws://", 1) + "/ws"
+    sender, receiver = await connect(session, ws_url, alice), await connect(session, ws_url, bob)
+    assert chatd.proc is not None
+    node = psutil.Process(chatd.proc.pid)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as crowd:
+        held, dropped = [], 0
+        for _ in range(FILES + 50):
+            try:
+                held.append(await asyncio.wait_for(crowd.ws_connect(ws_url), 5))
+            except (aiohttp.ClientError, TimeoutError):
+                dropped += 1
+        assert dropped and node.num_fds() <= FILES, (dropped, node.num_fds())
+        busy = sum(node.cpu_times()[:2])
+        await asyncio.sleep(2)
+        assert sum(node.cpu_times()[:2]) - busy < 1.0  # not retrying accept in a loop
+        ack = await sender.send_message(room, "still here")
+        assert ack["type"] == "ack", ack
+        assert [m["body"] for m in await receiver.wait_messages(room, 1)] == ["still here"]
+        for ws in held:
+            await ws.close()
+    deadline = time.monotonic() + 10
+    while True:  # the node frees the files as it sees the closes
+        try:
+            late = await connect(session, ws_url, alice)
+            break
+        except aiohttp.ClientError:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.2)
+    await late.ping()
+    for ws in (sender, receiver, late):
+        await ws.close()
+    await stop_gracefully(chatd)
 
 
 async def test_non_tty_stderr_is_json_lines(chatd: Chatd,
