@@ -162,6 +162,15 @@ class Proc:
         except psutil.Error:
             return 0
 
+    def files(self) -> tuple[int, int]:
+        """(open files, the soft limit on them): a connection is one file."""
+        if self.ps is None or not self.running:
+            return 0, 0
+        try:
+            return self.ps.num_fds(), self.ps.rlimit(psutil.RLIMIT_NOFILE)[0]
+        except psutil.Error:
+            return 0, 0
+
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM the process group, wait, then SIGKILL it; always reaps."""
         popen = self.popen

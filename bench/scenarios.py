@@ -448,6 +448,7 @@ def run_idle(opts: Options) -> ScenarioResult:
             # at least one heartbeat: a shorter window may hold no ping at all.
             _sleep_until(time.time() + max(1.0, opts.heartbeat_s), stack)
             rss1 = sum(n.proc.rss() for n in stack.nodes)
+            files = [n.proc.files() for n in stack.nodes]
             c = _sample(stack, pool)
             _sleep_until(time.time() + max(opts.idle_window_s, opts.heartbeat_s), stack)
             d = _sample(stack, pool)
@@ -477,6 +478,9 @@ def run_idle(opts: Options) -> ScenarioResult:
             "client_cpu_pct_idle_conns": round(100 * (d.clients - c.clients) / (d.t - c.t), 2),
             "other_cpu_pct_idle_conns": round(100 * d.others(c) / (d.t - c.t), 2),
             "reconnects": status["reconnects"],
+            # What bounds the connections of a node here: a connection is one file.
+            "node_open_files": max(open_ for open_, _ in files),
+            "node_open_files_limit": min(limit for _, limit in files),
         }
         result.notes.append("heartbeat cost = server CPU with idle connections minus the "
                             "same window without connections, per WebSocket ping "

@@ -27,6 +27,7 @@ pytest.importorskip("socketio",
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCENARIOS = ["rooms", "direct", "fanout", "idle", "resume"]
 STEPPED = {"rooms": ["chatd", "sio"], "direct": ["chatd"], "fanout": ["chatd", "sio"]}
+NODES = 2
 # The npm ci of a first run (bounded at 300 s by the harness) comes on top of the run.
 RUN_TIMEOUT_S = 540
 
@@ -37,7 +38,7 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, 
     json_path = out / "results.json"
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "run", "--scenario", "all", "--quick", "--check",
-         "--no-chart", "--results-dir", str(out), "--json", str(json_path)],
+         "--nodes", str(NODES), "--no-chart", "--results-dir", str(out), "--json", str(json_path)],
         cwd=REPO_ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
         check=False)
@@ -71,6 +72,9 @@ def test_quick_scenario(quick_run: tuple[str, dict[str, Any]], scenario: str) ->
     if scenario == "idle":
         summary = result["summary"]["chatd"]
         assert summary["up_at_end"] == summary["connections"]
+        # Each node holds at least its share of the connections, one file each.
+        assert (summary["connections"] // NODES <= summary["node_open_files"]
+                <= summary["node_open_files_limit"]), summary
     if scenario == "resume":
         summary = result["summary"]["chatd"]
         assert summary["not_caught_up"] == 0 and summary["connect_failed"] == 0
