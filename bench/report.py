@@ -190,10 +190,15 @@ def ratios_table(result: ScenarioResult) -> str:
 
 P99_TARGET_MS = 5.0  # p99 send->deliver at half of chatd's saturation (issue 8)
 SIO_RATIO_TARGET = 2.0  # chatd / python-socketio deliveries per server CPU-second
+IDLE_CONNS_TARGET = 50_000  # idle connections on one node ...
+IDLE_KIB_TARGET = 20.0  # ... at this RSS each at most
 
 
 def targets(result: ScenarioResult) -> list[str]:
-    """The rooms scenario's targets, each with the figure from this run and met or not."""
+    """The targets of the rooms and idle scenarios, each with the figure from this run
+    and met or not."""
+    if result.scenario == "idle":
+        return _idle_targets(result.summary.get("chatd", {}))
     steps = result.steps.get("chatd", [])
     if result.scenario != "rooms" or not steps:
         return []
@@ -235,6 +240,28 @@ def targets(result: ScenarioResult) -> list[str]:
                    f"{SIO_RATIO_TARGET:g}x) where python-socketio keeps up: median "
                    f"{_f(median, 2)}x over {len(sio)} steps: "
                    f"{'met' if median >= SIO_RATIO_TARGET else 'NOT met'}")
+    return out
+
+
+def _idle_targets(s: dict[str, Any]) -> list[str]:
+    if not s:
+        return []
+    per_node = s["connections"] // s["nodes"]
+    kib_met = s["rss_per_conn_kib"] <= IDLE_KIB_TARGET
+    out = [f"RSS per idle connection (<= {IDLE_KIB_TARGET:g} KiB): "
+           f"{_f(s['rss_per_conn_kib'], 2)} KiB: {'met' if kib_met else 'NOT met'}"]
+    head = f"idle connections on one node ({IDLE_CONNS_TARGET:,}): "
+    limit = s["node_open_files_limit"]
+    if per_node < IDLE_CONNS_TARGET:
+        fit = (f": fewer than {IDLE_CONNS_TARGET:,} connections fit"
+               if limit < IDLE_CONNS_TARGET else "")
+        out.append(f"{head}not measured, this run held {per_node:,} per node (ask with --nodes 1 "
+                   f"--conns {IDLE_CONNS_TARGET}); a node here may open {limit:,} files, one "
+                   f"per connection, and the busiest had {s['node_open_files']:,} open{fit}")
+    else:
+        met = s["up_at_end"] == s["connections"]
+        out.append(f"{head}{per_node:,} per node, {s['up_at_end']:,} of {s['connections']:,} up "
+                   f"at the end: {'met' if met else 'NOT met'}")
     return out
 
 

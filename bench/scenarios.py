@@ -462,7 +462,8 @@ def run_idle(opts: Options) -> ScenarioResult:
         # As counted by the clients: the server decides when to ping (chatd/heartbeat.py).
         pings = max(1, d.status["pings"] - c.status["pings"])
         result.summary["chatd"] = {
-            "connections": n, "up_at_end": status["up"], "connect_s": round(connect_s, 2),
+            "connections": n, "nodes": opts.nodes, "up_at_end": status["up"],
+            "connect_s": round(connect_s, 2),
             "connects_per_s": round(n / connect_s, 1),
             "server_rss_before_mib": round(rss0 / 2**20, 1),
             "server_rss_after_mib": round(rss1 / 2**20, 1),

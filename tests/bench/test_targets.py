@@ -82,3 +82,34 @@ def test_a_rate_given_more_than_once_is_judged_by_its_median_step() -> None:
     assert targets(result)[0] == (
         "p99 at half of saturation (< 5 ms): saturated at 10,000 sends/s; at 5,000 sends/s "
         "median p99 of 3 steps (16.0, 4.0, 4.5) 4.5 ms: met")
+
+
+def idle(**figures: Any) -> ScenarioResult:
+    result = ScenarioResult("idle", "python -m bench run --scenario idle")
+    result.summary["chatd"] = {"connections": 19000, "nodes": 1, "up_at_end": 19000,
+                               "rss_per_conn_kib": 16.22, "node_open_files": 19051,
+                               "node_open_files_limit": 20000, **figures}
+    return result
+
+
+def test_idle_says_how_many_connections_one_node_held_and_what_stopped_it() -> None:
+    assert targets(idle()) == [
+        "RSS per idle connection (<= 20 KiB): 16.22 KiB: met",
+        "idle connections on one node (50,000): not measured, this run held 19,000 per node "
+        "(ask with --nodes 1 --conns 50000); a node here may open 20,000 files, one per "
+        "connection, and the busiest had 19,051 open: fewer than 50,000 connections fit"]
+    roomy = idle(node_open_files_limit=1_048_576)
+    assert targets(roomy)[1].endswith("the busiest had 19,051 open")
+    assert "targets (issue 8; figures from this run):" in render(idle())
+
+
+def test_idle_connections_are_counted_per_node_and_must_all_stay_up() -> None:
+    spread = idle(connections=100_000, nodes=2, up_at_end=100_000, rss_per_conn_kib=21.0)
+    assert targets(spread) == [
+        "RSS per idle connection (<= 20 KiB): 21.00 KiB: NOT met",
+        "idle connections on one node (50,000): 50,000 per node, 100,000 of 100,000 up at "
+        "the end: met"]
+    dropped = idle(connections=50_000, up_at_end=49_999, node_open_files_limit=1_048_576)
+    assert targets(dropped)[1].startswith(
+        "idle connections on one node (50,000): 50,000 per node, 49,999 of 50,000 up at the "
+        "end: NOT met")
