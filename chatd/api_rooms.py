@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
-from chatd import keys, ratelimit, rooms
+from chatd import ratelimit, rooms
 from chatd.appkeys import NODE
 from chatd.auth import Principal, authenticate, authenticate_read
 from chatd.errors import ChatError
@@ -30,12 +30,9 @@ def _user_ids(body: dict[str, Any], *, required: bool) -> list[str]:
 
 
 async def _room_op(request: web.Request) -> Principal:
-    """The caller, who may change rooms once more: every room and member is kept in
-    Redis for good, so a script creating them as fast as it can must be slowed."""
+    """The caller, who has taken a token of its room-ops bucket."""
     principal = await authenticate(request)
-    limits = request.app[NODE].settings.limits
-    await ratelimit.take(request.app[NODE], keys.room_ops_bucket(principal.user_id),
-                         limits.room_ops_rate_per_s, limits.room_ops_burst)
+    await ratelimit.take_room_op(request.app[NODE], principal.user_id)
     return principal
 
 

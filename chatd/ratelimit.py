@@ -20,6 +20,14 @@ async def take(node: Node, bucket_key: str, rate_per_s: float, burst: int) -> No
                         retry_after_ms=int(retry_after_ms))
 
 
+async def take_room_op(node: Node, user_id: str) -> None:
+    """Every room and member is kept in Redis for good: a script creating them as fast
+    as it can must be slowed."""
+    limits = node.settings.limits
+    await take(node, keys.room_ops_bucket(user_id), limits.room_ops_rate_per_s,
+               limits.room_ops_burst)
+
+
 async def take_read(node: Node, user_id: str) -> None:
     """Reads are cheap one by one, but a page can be 200 messages and a user look-up
     tells whether a name exists: a script looping over them must be slowed."""
