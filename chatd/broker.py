@@ -173,9 +173,15 @@ class Broker:
             ahead.extend(await self.node.redis.reader.submit(
                 [self._xreadgroup(streams)] * new, extra_s=(len(ahead) + 1) * block_s,
                 step_s=block_s))
-        reply = await ahead[0]
+        batch = _batch(await ahead[0])
         ahead.popleft()
-        return _batch(reply)
+        # Replies that arrived together are handed over together: one write per
+        # connection for all of them, where a busy node would make one per reply.
+        # A failed read stays queued and raises at the next step.
+        while ahead and ahead[0].done() and not ahead[0].cancelled() and (
+                ahead[0].exception() is None):
+            batch.extend(_batch(ahead.popleft().result()))
+        return batch
 
     async def _drop_ahead(self, ahead: deque[asyncio.Future[Any]]) -> None:
         """After a failure: reads still queued would hand out entries ahead of the

@@ -3,7 +3,8 @@ connection's frames of a batch into one write): every frame still arrives, once 
 in seq order, on every connection.
 
 The receiving node is stopped (SIGSTOP) while another node stores the messages, so
-that when it resumes its inbox holds many entries per read.
+that when it resumes its inbox holds many entries per read, and the replies to the
+reads it had queued arrive together (broker._read_ahead hands them over as one batch).
 """
 
 from __future__ import annotations
