@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.peers.node_setup import SERVER_JS, node_binary
 from chatd.config import EmbeddedSettings
@@ -229,6 +230,26 @@ class Node:
     @property
     def ws_url(self) -> str:
         return f"ws://{LOOPBACK}:{self.port}"
+
+    def full_collections(self) -> tuple[int, float, float]:
+        """A chatd node's full garbage collections so far, from its /metrics: (how
+        many, their total pause in seconds, the bucket bound the longest fits under)."""
+        with urllib.request.urlopen(self.http_url + "/metrics", timeout=10) as r:
+            text = r.read().decode()
+        count, total, longest = 0, 0.0, 0.0
+        for family in text_string_to_metric_families(text):
+            if family.name != "chatd_gc_full_pause_seconds":
+                continue
+            for sample in family.samples:
+                if sample.name.endswith("_count"):
+                    count = int(sample.value)
+                elif sample.name.endswith("_sum"):
+                    total = sample.value
+            # The lowest bound whose cumulative bucket holds every pause.
+            bounds = [float(x.labels["le"]) for x in family.samples
+                      if x.name.endswith("_bucket") and x.value >= count]
+            longest = min(bounds) if count else 0.0
+        return count, total, longest
 
 
 class Stack:

@@ -453,10 +453,12 @@ def run_idle(opts: Options) -> ScenarioResult:
             _sleep_until(time.time() + max(opts.idle_window_s, opts.heartbeat_s), stack)
             d = _sample(stack, pool)
             status = d.status
+            collections = [node.full_collections() for node in stack.nodes]
         finally:
             pool.close()
             stack.stop_nodes()
         n = len(specs)
+        full_gcs = sum(count for count, _, _ in collections)
         base_cpu = (b.server - a.server) / (b.t - a.t)
         idle_cpu = (d.server - c.server) / (d.t - c.t)
         # As counted by the clients: the server decides when to ping (chatd/heartbeat.py).
@@ -482,6 +484,12 @@ def run_idle(opts: Options) -> ScenarioResult:
             # What bounds the connections of a node here: a connection is one file.
             "node_open_files": max(open_ for open_, _ in files),
             "node_open_files_limit": min(limit for _, limit in files),
+            # Full collections scan every tracked object: their pause grows with
+            # the connections (chatd_gc_full_pause_seconds), here over the whole run.
+            "full_gcs": full_gcs,
+            "full_gc_mean_ms": round(1000 * sum(total for _, total, _ in collections)
+                                     / max(1, full_gcs), 1),
+            "full_gc_longest_under_s": max(longest for _, _, longest in collections),
         }
         result.notes.append("heartbeat cost = server CPU with idle connections minus the "
                             "same window without connections, per WebSocket ping "

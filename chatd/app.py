@@ -62,6 +62,8 @@ async def _node_ctx(app: web.Application) -> AsyncIterator[None]:
         redis = await redisconn.connect(settings, url)
         stack.push_async_callback(redis.close)
         metrics = Metrics()
+        metrics.full_collections.watch()
+        stack.callback(metrics.full_collections.unwatch)
         scripts = Scripts(redis.cmd, metrics, settle_s=settings.redis.socket_timeout_s,
                           master_client=redis.master_client if redis.is_cluster else None,
                           mux=redis.script_mux)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import bisect
+import contextlib
+import gc
 import itertools
+import time
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -13,6 +16,7 @@ from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 _LAG_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_GC_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
 class Tally:
@@ -42,6 +46,32 @@ class Spread:
         self.total += value
 
 
+class FullCollections:
+    """How long the collector's full collections stop the process. They scan every
+    tracked object, and each connection holds about 65 (docs/performance.md), so
+    they grow with the connections a node holds; young collections stay short.
+    `gc.callbacks` is the process's: `watch` while the node runs, `unwatch` after."""
+
+    def __init__(self) -> None:
+        self.pauses = Spread(_GC_BUCKETS)
+        self._started = 0.0
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if info["generation"] != 2:
+            return
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.pauses.observe(time.perf_counter() - self._started)
+
+    def watch(self) -> None:
+        gc.callbacks.append(self._on_gc)
+
+    def unwatch(self) -> None:
+        with contextlib.suppress(ValueError):
+            gc.callbacks.remove(self._on_gc)
+
+
 class _Tallies(Collector):
     def __init__(self, tallies: dict[str, tuple[str, Tally]],
                  spreads: dict[str, tuple[str, Spread]]) -> None:
@@ -69,6 +99,7 @@ class Metrics:
         self.frames_out = Tally()
         self.inbox_entries = Tally()
         self.delivery_lag = Spread(_LAG_BUCKETS)
+        self.full_collections = FullCollections()
         r.register(_Tallies({
             "chatd_frames_in": ("WebSocket frames received", self.frames_in),
             "chatd_frames_out": ("WebSocket frames sent to clients", self.frames_out),
@@ -78,6 +109,10 @@ class Metrics:
                 "Age of room inbox entries (since Redis stored them, on Redis' clock) when "
                 "this node hands them to its sockets: the oldest new entry of each read",
                 self.delivery_lag),
+            "chatd_gc_full_pause_seconds": (
+                "Pauses of the process for the garbage collector's full collections, "
+                "which grow with the objects (connections) the node holds",
+                self.full_collections.pauses),
         }))
         sends = Counter("chatd_sends", "Messages accepted (acked)", ["duplicate"], registry=r)
         # The two children made once: `labels()` on every send costs a lock and a lookup.

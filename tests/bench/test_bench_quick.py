@@ -76,6 +76,9 @@ def test_quick_scenario(quick_run: tuple[str, dict[str, Any]], scenario: str) ->
         assert (summary["connections"] // NODES <= summary["node_open_files"]
                 <= summary["node_open_files_limit"]), summary
         assert "idle connections on one node (50,000): not measured" in output
+        # Read from the nodes' /metrics: none or some full collections, each timed.
+        assert summary["full_gcs"] >= 0
+        assert (summary["full_gc_longest_under_s"] > 0) == (summary["full_gcs"] > 0), summary
     if scenario == "resume":
         summary = result["summary"]["chatd"]
         assert summary["not_caught_up"] == 0 and summary["connect_failed"] == 0

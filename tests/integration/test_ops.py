@@ -161,7 +161,7 @@ async def test_metrics(node: ChatdNode, session: aiohttp.ClientSession) -> None:
         text = await resp.text()
     for name in ("chatd_connections", "chatd_frames_in", "chatd_frames_out", "chatd_sends",
                  "chatd_inbox_entries", "chatd_redis_call_seconds", "chatd_errors",
-                 "chatd_delivery_lag_seconds"):
+                 "chatd_delivery_lag_seconds", "chatd_gc_full_pause_seconds"):
         assert f"# TYPE {name}" in text, name
     values = samples(text)
     assert values[("chatd_connections", ())] == 1.0  # the open WebSocket
