@@ -11,7 +11,7 @@ from typing import Any, cast
 
 import pytest
 
-from chatd.broker import READ_AHEAD, Broker
+from chatd.broker import READ_AHEAD, Batch, Broker
 from chatd.node import Node
 
 STREAM = b"inbox"
@@ -42,16 +42,23 @@ def reply(*ids: str) -> list[Any]:
     return [[STREAM, [[i.encode(), [b"k", b"m"]] for i in ids]]]
 
 
-def ids(batch: list[tuple[str, list[tuple[bytes, dict[bytes, bytes]]]]]) -> list[str]:
+def ids(batch: Batch) -> list[str]:
     return [f"{stream}:{entry_id.decode()}" for stream, items in batch for entry_id, _ in items]
 
 
-async def test_replies_that_arrived_together_are_one_batch_in_order() -> None:
+async def start_read() -> tuple[Broker, FakeReader, deque[asyncio.Future[Any]],
+                              asyncio.Future[Batch]]:
+    """A broker's first `_read_ahead`, started: its reads are submitted, none answered."""
     reader = FakeReader()
     broker = make_broker(reader)
     ahead: deque[asyncio.Future[Any]] = deque()
-    first = asyncio.ensure_future(broker._read_ahead(["inbox"], ahead))
+    step = asyncio.ensure_future(broker._read_ahead(["inbox"], ahead))
     await asyncio.sleep(0)
+    return broker, reader, ahead, step
+
+
+async def test_replies_that_arrived_together_are_one_batch_in_order() -> None:
+    _, reader, ahead, first = await start_read()
     assert len(reader.submitted) == READ_AHEAD
     for future, entry_ids in zip(reader.submitted, [("1-0",), ("2-0", "3-0"), ("4-0",)],
                                  strict=False):
@@ -61,11 +68,7 @@ async def test_replies_that_arrived_together_are_one_batch_in_order() -> None:
 
 
 async def test_a_failed_read_is_raised_after_the_replies_before_it() -> None:
-    reader = FakeReader()
-    broker = make_broker(reader)
-    ahead: deque[asyncio.Future[Any]] = deque()
-    step = asyncio.ensure_future(broker._read_ahead(["inbox"], ahead))
-    await asyncio.sleep(0)
+    broker, reader, ahead, step = await start_read()
     reader.submitted[0].set_result(reply("1-0"))
     reader.submitted[1].set_exception(ConnectionError("lost"))
     reader.submitted[2].set_result(reply("2-0"))
