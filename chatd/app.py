@@ -69,6 +69,8 @@ async def _node_ctx(app: web.Application) -> AsyncIterator[None]:
                           mux=redis.script_mux)
         node = Node(settings=settings, node_id=node_id_for(settings), redis=redis,
                     scripts=scripts, metrics=metrics)
+        node.survivors.watch()
+        stack.callback(node.survivors.unwatch)
         stack.push_async_callback(node.stop_loops)
         await scripts.load_all()
         await check_meta(node)

@@ -95,6 +95,9 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.connections = Gauge("chatd_connections", "Open WebSocket connections", registry=r)
+        Gauge("chatd_gc_frozen_objects",
+              "Objects out of the garbage collector's reach (gc.freeze), which full "
+              "collections skip", registry=r).set_function(gc.get_freeze_count)
         self.frames_in = Tally()
         self.frames_out = Tally()
         self.inbox_entries = Tally()

@@ -17,6 +17,7 @@ from redis.exceptions import RedisError
 from chatd import keys
 from chatd.config import ConfigError, Settings
 from chatd.errors import ChatError
+from chatd.gcfreeze import FreezeSurvivors
 from chatd.loops import Loop
 from chatd.metrics import Metrics
 from chatd.redisconn import RedisConn
@@ -38,6 +39,7 @@ class Node:
     usernames: dict[str, str] = field(default_factory=dict)  # immutable, so cacheable
     redis_ok: bool = True
     draining: bool = False
+    survivors: FreezeSurvivors = field(default_factory=FreezeSurvivors)
     # Redis' clock minus ours, from the last heartbeat (off by at most its round trip).
     # Stream ids, message `ts` and session expiry are on Redis' clock, and nodes may
     # run on hosts whose clocks differ from the Redis host's.

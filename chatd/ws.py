@@ -65,6 +65,7 @@ async def handler(request: web.Request) -> web.StreamResponse:
                                    decode_text=False, compress=False)
         out = await ws.prepare(request)
         node.metrics.connections.inc()
+        opened_at = node.survivors.opened()
         try:
             conn = await _open(request, ws, out, node, wait)
             if conn is not None:
@@ -84,6 +85,7 @@ async def handler(request: web.Request) -> web.StreamResponse:
                 await ws.close(code=CLOSE_INTERNAL)
         finally:
             node.metrics.connections.dec()
+            node.survivors.closed(opened_at)
             node.metrics.closes.labels(str(ws.close_code)).inc()
     return ws
 

@@ -161,10 +161,12 @@ async def test_metrics(node: ChatdNode, session: aiohttp.ClientSession) -> None:
         text = await resp.text()
     for name in ("chatd_connections", "chatd_frames_in", "chatd_frames_out", "chatd_sends",
                  "chatd_inbox_entries", "chatd_redis_call_seconds", "chatd_errors",
-                 "chatd_delivery_lag_seconds", "chatd_gc_full_pause_seconds"):
+                 "chatd_delivery_lag_seconds", "chatd_gc_full_pause_seconds",
+                 "chatd_gc_frozen_objects"):
         assert f"# TYPE {name}" in text, name
     values = samples(text)
     assert values[("chatd_connections", ())] == 1.0  # the open WebSocket
+    assert values[("chatd_gc_frozen_objects", ())] > 10_000  # what startup froze (cli.py)
     assert values[("chatd_frames_in_total", ())] == 3.0  # three sends (hello is not counted)
     # The welcome, two acks, the error, and the message itself once it came back.
     assert values[("chatd_frames_out_total", ())] >= 4.0
