@@ -19,6 +19,7 @@ from chatd.errors import ChatError
 from chatd.fanout import Fanout
 from chatd.heartbeat import heartbeat_loop
 from chatd.janitor import Janitor, cleanup_node
+from chatd.logs import error_text
 from chatd.loops import Loop
 from chatd.metrics import Metrics
 from chatd.node import Node, check_meta, claim_data_dir, node_id_for
@@ -116,7 +117,7 @@ async def _leave(node: Node) -> None:
         await asyncio.wait_for(cleanup_node(node, node.node_id), timeout=5)
         await node.redis.cmd.zrem(keys.NODES, node.node_id)
     except (RedisError, OSError, ChatError, TimeoutError) as e:
-        log.warning("could not deregister; the janitor will", extra={"error": repr(e)})
+        log.warning("could not deregister; the janitor will", extra={"error": error_text(e)})
 
 
 def _fenced(node: Node, fanout: Fanout) -> Callable[[], Awaitable[None]]:

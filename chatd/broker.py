@@ -35,6 +35,7 @@ from redis.exceptions import ResponseError
 
 from chatd import keys
 from chatd.fanout import Fanout
+from chatd.logs import error_text
 from chatd.loops import Loop
 from chatd.multiplex import entries
 from chatd.node import Node
@@ -247,7 +248,7 @@ class Broker:
                     try:
                         self.fanout.handle(fields, control=control)
                     except (KeyError, ValueError) as e:
-                        log.warning("malformed inbox entry", extra={"error": repr(e)})
+                        log.warning("malformed inbox entry", extra={"error": error_text(e)})
                 if n:
                     last[stream] = done
                     handled.append((stream, n))

@@ -23,6 +23,7 @@ from redis.exceptions import RedisError
 from chatd import keys
 from chatd.conn import Conn, Cursor, WriteBatch
 from chatd.errors import ChatError
+from chatd.logs import error_text
 from chatd.node import Node
 from chatd.protocol import CLOSE_RESUME_REQUIRED, CLOSE_UNAUTHORIZED, message_frame
 
@@ -160,7 +161,7 @@ class Fanout:
             # RuntimeError: redis-py (cluster) may close a connection under a command in
             # flight during a failover; uncaught, this cursor would stay "filling" for ever.
             # Without the log we cannot promise "no gap": ask the client to resume.
-            log.warning("gap fill failed", extra={"room_id": room_id, "error": repr(e)})
+            log.warning("gap fill failed", extra={"room_id": room_id, "error": error_text(e)})
             conn.close(CLOSE_RESUME_REQUIRED)
 
     async def _read_log(self, conn: Conn, room_id: str, cur: Cursor, target: int) -> None:
@@ -242,7 +243,7 @@ class Fanout:
             p = keys.partition_of(room_id, self.node.partitions)
             last = int(await self.node.redis.cmd.hget(keys.room(p, room_id), "seq") or 0)
         except (ChatError, RedisError, OSError, RuntimeError) as e:  # RuntimeError: see _fill
-            log.warning("live join failed", extra={"room_id": room_id, "error": repr(e)})
+            log.warning("live join failed", extra={"room_id": room_id, "error": error_text(e)})
             conn.close(CLOSE_RESUME_REQUIRED)
             return
         self.go_live(conn, room_id, next_seq, last)

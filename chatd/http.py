@@ -14,6 +14,7 @@ from aiohttp import hdrs, web
 
 from chatd.appkeys import NODE
 from chatd.errors import ChatError
+from chatd.logs import error_text
 from chatd.redisconn import storage_failure
 
 log = logging.getLogger("chatd.http")
@@ -61,7 +62,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             response = error_response(ChatError("internal", "internal error"))
         else:
             log.warning("storage error in request",
-                        extra={"path": request.path, "error": repr(e)})
+                        extra={"path": request.path, "error": error_text(e)})
             response = error_response(ChatError("unavailable",
                                                 "storage is unavailable, retry later"))
     if isinstance(response, web.Response) and response.status >= 400:

@@ -16,6 +16,13 @@ from typing import Any
 _STANDARD = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 
 
+def error_text(e: BaseException) -> str:
+    """An exception for a log line: its type and message. Not `repr`: redis-py 8's
+    errors render as their category alone ("network:ConnectionError")."""
+    text = str(e)
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {

@@ -7,6 +7,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
+from chatd.logs import error_text
 from chatd.metrics import Metrics
 
 log = logging.getLogger("chatd.loops")
@@ -62,7 +63,7 @@ class Loop:
                 self.healthy = False
                 self._metrics.loop_errors.labels(self.name).inc()
                 log.warning("background loop failed, retrying",
-                            extra={"loop": self.name, "error": repr(e), "backoff_s": backoff})
+                            extra={"loop": self.name, "error": error_text(e), "backoff_s": backoff})
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self._max_backoff_s)
             else:

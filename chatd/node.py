@@ -18,6 +18,7 @@ from chatd import keys
 from chatd.config import ConfigError, Settings
 from chatd.errors import ChatError
 from chatd.gcfreeze import FreezeSurvivors
+from chatd.logs import error_text
 from chatd.loops import Loop
 from chatd.metrics import Metrics
 from chatd.redisconn import RedisConn
@@ -101,7 +102,7 @@ class Node:
                 return
             except (ChatError, RedisError, OSError) as e:
                 if not retry:
-                    log.warning("background work failed", extra={"error": repr(e)})
+                    log.warning("background work failed", extra={"error": error_text(e)})
                     return
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)

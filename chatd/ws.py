@@ -24,6 +24,7 @@ from chatd.errors import ChatError, TooManyConnections
 from chatd.fanout import Fanout
 from chatd.hellowaits import HelloWait, HelloWaits
 from chatd.http import client_key
+from chatd.logs import error_text
 from chatd.node import Node
 from chatd.protocol import (
     CLOSE_HELLO_TIMEOUT,
@@ -71,7 +72,7 @@ async def handler(request: web.Request) -> web.StreamResponse:
             if conn is not None:
                 await _read_loop(ws, node, request.app[FANOUT], conn)
         except (ChatError, RedisError, OSError) as e:
-            log.warning("connection ended by a storage error", extra={"error": repr(e)})
+            log.warning("connection ended by a storage error", extra={"error": error_text(e)})
             if not ws.closed:
                 await ws.close(code=CLOSE_INTERNAL)
         except Exception:
@@ -310,7 +311,7 @@ async def _read_loop(ws: web.WebSocketResponse, node: Node, fanout: Fanout, conn
                 # scripts.py); retrying is safe.
                 if not isinstance(e, RuntimeError) and not storage_failure(e):
                     raise
-                log.warning("storage error", extra={"error": repr(e)})
+                log.warning("storage error", extra={"error": error_text(e)})
                 _reply_error(conn, node, ChatError("unavailable", "storage is unavailable"),
                              frame.id)
     finally:
