@@ -16,6 +16,7 @@ carries the intended time (see tracking.py).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import gc
 import multiprocessing
@@ -230,6 +231,7 @@ class Worker:
         done: dict[int, float] = {}
         connect_failed = 0
         retries = 0
+        reasons: collections.Counter[str] = collections.Counter()
 
         def caught_up(c: BaseClient) -> bool:
             return all(c.tracks.get(room) is not None and c.tracks[room].last >= target
@@ -241,7 +243,8 @@ class Worker:
                 try:
                     await c.connect(resume=True, limit_s=limit_s)
                     break
-                except (OSError, TimeoutError):
+                except (OSError, TimeoutError) as e:
+                    reasons[retry_reason(e)] += 1
                     if attempt == CATCHUP_RETRIES:
                         connect_failed += 1
                         return
@@ -256,6 +259,7 @@ class Worker:
         await asyncio.gather(*(one(c) for c in picked))
         return {"clients": len(picked), "times": sorted(done.values()),
                 "connect_failed": connect_failed, "connect_retries": retries,
+                "connect_errors": dict(reasons),
                 "not_caught_up": len(picked) - len(done)}
 
     async def _receipts(self) -> None:
@@ -278,6 +282,11 @@ class Worker:
 
     async def cmd_stop(self) -> None:
         await asyncio.gather(*(c.close() for c in self.clients))
+
+
+def retry_reason(e: BaseException) -> str:
+    """A failed connect, as the resume scenario counts it: the kind and what it said."""
+    return f"{type(e).__name__}: {e}"[:80]
 
 
 class WorkerPool:

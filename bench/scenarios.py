@@ -15,6 +15,7 @@ import statistics
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -498,6 +499,14 @@ def run_idle(opts: Options) -> ScenarioResult:
     return _with_stack(opts, body)
 
 
+def _merged_counts(parts: Iterable[dict[str, int]]) -> str:
+    """Counts by key over the load generators, most first: "reason x N; ..." ("" if none)."""
+    total: Counter[str] = Counter()
+    for part in parts:
+        total.update(part)
+    return "; ".join(f"{key} x {n}" for key, n in total.most_common())
+
+
 def run_resume(opts: Options) -> ScenarioResult:
     topo = _topology(opts)
 
@@ -543,6 +552,7 @@ def run_resume(opts: Options) -> ScenarioResult:
             "redis_cmds": sum(s1.calls.values()) - sum(s0.calls.values()),
             "connect_failed": sum(c["connect_failed"] for c in caught),
             "connect_retries": sum(c["connect_retries"] for c in caught),
+            "connect_errors": _merged_counts(c["connect_errors"] for c in caught),
             "not_caught_up": sum(c["not_caught_up"] for c in caught),
             "drained": drained, **loss,
         }
