@@ -17,7 +17,7 @@ from aiohttp.abc import AbstractStreamWriter
 from redis.exceptions import RedisError
 
 from chatd import auth, keys, messages, presence, protocol, ratelimit, rooms
-from chatd.appkeys import FANOUT, HELLO_WAITS, NODE, SETTINGS
+from chatd.appkeys import FANOUT, HELLO_WAITS, NODE, SETTINGS, WELCOMES
 from chatd.auth import Principal
 from chatd.conn import Conn
 from chatd.errors import ChatError, TooManyConnections
@@ -102,6 +102,15 @@ async def _open(request: web.Request, ws: web.WebSocketResponse, out: AbstractSt
     wait.leave()
     if hello is None:
         return None
+    # A reconnect storm brings thousands of hellos at once. Taken all together, each
+    # would wait seconds for a Redis connection and fail on its timeout (1011), and
+    # the retries would add to the storm; in turns, each is quick.
+    async with request.app[WELCOMES]:
+        return await _admit(request, ws, out, node, hello)
+
+
+async def _admit(request: web.Request, ws: web.WebSocketResponse, out: AbstractStreamWriter,
+                 node: Node, hello: protocol.Hello) -> Conn | None:
     token = hello.token or auth.bearer_token(request) or ""
     try:
         principal = await auth.verify_token(node, token)
@@ -357,4 +366,5 @@ def add_routes(app: web.Application) -> None:
     limits = app[SETTINGS].limits
     app[HELLO_WAITS] = HelloWaits(limits.hello_waits_per_ip,
                                   retry_after_ms=int(limits.auth_timeout_s * 1000))
+    app[WELCOMES] = asyncio.Semaphore(limits.welcomes_at_once)
     app.router.add_get("/ws", handler)
