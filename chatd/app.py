@@ -67,7 +67,7 @@ async def _node_ctx(app: web.Application) -> AsyncIterator[None]:
         stack.callback(metrics.full_collections.unwatch)
         scripts = Scripts(redis.cmd, metrics, settle_s=settings.redis.socket_timeout_s,
                           master_client=redis.master_client if redis.is_cluster else None,
-                          mux=redis.script_mux)
+                          mux=redis.mux)
         node = Node(settings=settings, node_id=node_id_for(settings), redis=redis,
                     scripts=scripts, metrics=metrics)
         node.survivors.watch()

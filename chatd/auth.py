@@ -189,8 +189,8 @@ async def verify_token(node: Node, token: str) -> Principal:
             and all(isinstance(x, str) and keys.is_valid_id(x) for x in payload)):
         raise ChatError("unauthorized", "invalid token")
     user_id, session_id = payload
-    username, expires_at = await node.redis.cmd.hmget(keys.session(user_id, session_id),
-                                                      ["username", "expires_at"])
+    username, expires_at = await node.redis.execute("HMGET", keys.session(user_id, session_id),
+                                                    "username", "expires_at")
     if username is None or expires_at is None:
         raise ChatError("unauthorized", "session expired or revoked")
     return Principal(user_id, str(username), session_id, int(expires_at))

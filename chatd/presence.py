@@ -18,7 +18,7 @@ async def opened(node: Node, user_id: str, first_on_node: bool) -> None:
     """Count a new connection; raises TooManyConnections past the per-user limit."""
     if first_on_node:
         # Recorded before the count, so the janitor can always find what to undo.
-        await node.redis.cmd.sadd(keys.node_users(node.node_id), user_id)
+        await node.redis.execute("SADD", keys.node_users(node.node_id), user_id)
     edge, ts = await _count(node, user_id, node.node_id, "open")
     if edge == 1:
         await publish(node, user_id, online=True, ts=ts)
@@ -27,7 +27,7 @@ async def opened(node: Node, user_id: str, first_on_node: bool) -> None:
 async def closed(node: Node, user_id: str, last_on_node: bool) -> None:
     edge, ts = await _count(node, user_id, node.node_id, "close")
     if last_on_node:
-        await node.redis.cmd.srem(keys.node_users(node.node_id), user_id)
+        await node.redis.execute("SREM", keys.node_users(node.node_id), user_id)
     if edge == -1:
         await publish(node, user_id, online=False, ts=ts)
 
@@ -35,7 +35,7 @@ async def closed(node: Node, user_id: str, last_on_node: bool) -> None:
 async def refused(node: Node, user_id: str, last_on_node: bool) -> None:
     """Undo `opened`'s bookkeeping for a connection the limit turned away."""
     if last_on_node:
-        await node.redis.cmd.srem(keys.node_users(node.node_id), user_id)
+        await node.redis.execute("SREM", keys.node_users(node.node_id), user_id)
 
 
 async def drop_node_users(node: Node, dead_node_id: str) -> int:
@@ -53,11 +53,10 @@ async def drop_node_users(node: Node, dead_node_id: str) -> int:
 
 async def snapshot(node: Node, user_ids: list[str]) -> list[dict[str, object]]:
     """Current presence of these users, for a `welcome`."""
-    async with node.redis.cmd.pipeline(transaction=False) as pipe:
-        for user_id in user_ids:
-            pipe.hlen(keys.user_nodes(user_id))
-            pipe.hget(keys.user_presence(user_id), "last_seen")
-        replies = await pipe.execute()
+    replies = await node.redis.execute_many(
+        [cmd for user_id in user_ids for cmd in (("HLEN", keys.user_nodes(user_id)),
+                                                 ("HGET", keys.user_presence(user_id),
+                                                  "last_seen"))])
     return [{"user_id": user_id, "online": bool(replies[2 * i]),
              "last_seen": int(seen) if (seen := replies[2 * i + 1]) else None}
             for i, user_id in enumerate(user_ids)]

@@ -15,9 +15,10 @@ A node holds these clients to the same server or cluster:
 
 On a standalone server what runs per message goes through pipelined
 connections instead (`multiplex.py`: a fraction of redis-py's CPU per call):
-`raw`, `reader`, and `script_mux` (decoded) for scripts. On a cluster `raw`
-and `reader` are redis-py clients, which route by slot, and there is no
-`script_mux`.
+`raw`, `reader`, and `mux` (decoded) for scripts and for the commands every
+connect and every authenticated request makes (`execute`, `execute_many`).
+On a cluster `raw` and `reader` are redis-py clients, which route by slot,
+and there is no `mux`.
 
 On a cluster, `master_client(host, port)` also hands out plain clients to one
 master, for the one thing the cluster client cannot do: run a script and a
@@ -29,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +41,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 
 from chatd.config import ConfigError, Settings, redact_url
-from chatd.multiplex import Multiplexed, entries
+from chatd.multiplex import Arg, Multiplexed, entries
 
 log = logging.getLogger("chatd.redis")
 
@@ -53,7 +55,7 @@ class RedisConn:
     raw: Any  # RedisCluster | Multiplexed
     reader: Any
     is_cluster: bool
-    script_mux: Multiplexed | None = None  # standalone only
+    mux: Multiplexed | None = None  # standalone only
     settings: Settings | None = None
     masters: dict[str, Redis] = field(default_factory=dict)
 
@@ -66,6 +68,26 @@ class RedisConn:
             return list(await self.raw.xrange(key, start, end, count=count))
         return entries(await self.raw.execute("XREVRANGE" if reverse else "XRANGE",
                                               key, start, end, "COUNT", count))
+
+    async def execute(self, *args: Arg) -> Any:
+        """One command that is safe to run twice, its reply decoded (see `execute_many`)."""
+        if self.mux is None:
+            return await self.cmd.execute_command(*args)
+        return await self.mux.execute(*args)
+
+    async def execute_many(self, commands: Sequence[Sequence[Arg]]) -> list[Any]:
+        """Commands that are safe to run twice, sent together; their replies decoded, in
+        order. Replies are as Redis sends them on a standalone server (a set's members
+        as a list, HEXISTS as 0 or 1), while the cluster client shapes some (a set, a
+        bool): callers rely only on what both shapes share."""
+        if not commands:
+            return []
+        if self.mux is None:
+            async with self.cmd.pipeline(transaction=False) as pipe:
+                for args in commands:
+                    pipe.execute_command(*args)
+                return list(await pipe.execute())
+        return await self.mux.pipeline(commands)
 
     def master_client(self, host: str, port: int) -> Redis:
         """A plain client (own pool, no retries: the caller re-routes) to one cluster
@@ -83,7 +105,7 @@ class RedisConn:
     async def close(self) -> None:
         for client in (self.cmd, *self.masters.values()):
             await client.aclose()
-        for client in (self.raw, self.reader, self.script_mux):
+        for client in (self.raw, self.reader, self.mux):
             if isinstance(client, Multiplexed):
                 await client.close()
             elif client is not None:
@@ -95,7 +117,7 @@ class RedisConn:
             await self.raw.ping()
             await self.reader.ping()
             return
-        for client in (self.raw, self.reader, self.script_mux):
+        for client in (self.raw, self.reader, self.mux):
             assert isinstance(client, Multiplexed)
             await client.execute("PING")
 
@@ -183,7 +205,7 @@ def build(settings: Settings, url: str) -> RedisConn:
                         retries=_RETRIES),
         raw=mux(decode=False, retries=_RETRIES),
         reader=mux(decode=False),  # the block time is added per read
-        script_mux=mux(decode=True, retries=_RETRIES),
+        mux=mux(decode=True, retries=_RETRIES),
         is_cluster=False, settings=settings)
 
 

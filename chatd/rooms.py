@@ -94,7 +94,7 @@ async def user_room_ids(node: Node, user_id: str) -> list[str]:
     An index entry the members hash does not back (a half-done removal) is
     dropped here rather than waiting for the repair sweep.
     """
-    indexed = sorted(await node.redis.cmd.smembers(keys.user_rooms(user_id)))
+    indexed = sorted(await node.redis.execute("SMEMBERS", keys.user_rooms(user_id)))
 
     async def backed(room_id: str) -> bool:
         if await _is_member(node, room_id, user_id):
@@ -345,7 +345,7 @@ async def _settle(node: Node, user_id: str, room_id: str, *, member: bool) -> bo
 
 async def _is_member(node: Node, room_id: str, user_id: str) -> bool:
     p = keys.partition_of(room_id, node.partitions)
-    return bool(await node.redis.cmd.hexists(keys.room_members(p, room_id), user_id))
+    return bool(await node.redis.execute("HEXISTS", keys.room_members(p, room_id), user_id))
 
 
 async def repair_index(node: Node, older_than_ms: int) -> int:

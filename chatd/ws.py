@@ -192,15 +192,16 @@ async def _welcome(node: Node, fanout: Fanout, conn: Conn, principal: Principal,
     """Join every room, then read positions, then go live: nothing can fall in between."""
     room_ids = await rooms.user_room_ids(node, conn.user_id)
     await fanout.join(conn, room_ids)
-    async with node.redis.cmd.pipeline(transaction=False) as pipe:
-        for room_id in room_ids:
-            p = keys.partition_of(room_id, node.partitions)
-            pipe.hget(keys.room(p, room_id), "seq")
-            pipe.hmget(keys.room_marks(p, room_id), f"d:{conn.user_id}", f"r:{conn.user_id}")
-            # The truth again, after the join: a removal since the index was read
-            # would otherwise go unnoticed; one after this reaches us as an event.
-            pipe.hkeys(keys.room_members(p, room_id))
-        replies = await pipe.execute()
+    commands: list[tuple[str, ...]] = []
+    for room_id in room_ids:
+        p = keys.partition_of(room_id, node.partitions)
+        commands += [("HGET", keys.room(p, room_id), "seq"),
+                     ("HMGET", keys.room_marks(p, room_id), f"d:{conn.user_id}",
+                      f"r:{conn.user_id}"),
+                     # The truth again, after the join: a removal since the index was read
+                     # would otherwise go unnoticed; one after this reaches us as an event.
+                     ("HKEYS", keys.room_members(p, room_id))]
+    replies = await node.redis.execute_many(commands)
     welcome_rooms = []
     last_seqs = {}
     peers: dict[str, None] = {}
