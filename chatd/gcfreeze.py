@@ -17,10 +17,10 @@ full collection covers all of it: memory of closed connections comes back
 one collection later, as it does without freezing.
 
 `gc.callbacks` and the frozen generation are the process's: `watch` while the
-node runs, `unwatch` after.
-The callback can run on any thread that allocates (the password hashing
-pool), and counts here are read and bumped without a lock: they steer a
-heuristic, and a count off by one changes nothing that matters.
+node runs, `unwatch` after. The callback can run on any thread that allocates
+(the password hashing pool), and the counts here are read and bumped without
+a lock: they steer a heuristic, and a count off by one changes nothing that
+matters.
 """
 
 from __future__ import annotations
