@@ -11,6 +11,7 @@ import asyncio
 import bisect
 import logging
 import time
+from dataclasses import dataclass
 
 from aiohttp import WSMsgType, web
 from aiohttp.abc import AbstractStreamWriter
@@ -106,17 +107,38 @@ async def _open(request: web.Request, ws: web.WebSocketResponse, out: AbstractSt
     # would wait seconds for a Redis connection and fail on its timeout (1011), and
     # the retries would add to the storm; in turns, each is quick.
     async with request.app[WELCOMES]:
-        return await _admit(request, ws, out, node, hello)
+        admitted = await _admit(request, ws, out, node, hello)
+    if isinstance(admitted, Conn):
+        return admitted
+    await admitted.close(ws)
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class _Refusal:
+    """A connection turned away, closed once its welcome's turn is over: the peer paces
+    a close (the frame's drain, then up to 10 s for its reply), and a turn held that
+    long by a client that never answers would hold up every hello behind it."""
+
+    code: int
+    message: bytes = b""
+    error: ChatError | None = None
+    request_id: str | None = None
+
+    async def close(self, ws: web.WebSocketResponse) -> None:
+        if self.error is not None:
+            await ws.send_frame(protocol.error_frame(self.error, self.request_id),
+                                WSMsgType.TEXT)
+        await ws.close(code=self.code, message=self.message)
 
 
 async def _admit(request: web.Request, ws: web.WebSocketResponse, out: AbstractStreamWriter,
-                 node: Node, hello: protocol.Hello) -> Conn | None:
+                 node: Node, hello: protocol.Hello) -> Conn | _Refusal:
     token = hello.token or auth.bearer_token(request) or ""
     try:
         principal = await auth.verify_token(node, token)
     except ChatError as e:
-        await _refuse(ws, e, hello.id)
-        return None
+        return _Refusal(CLOSE_UNAUTHORIZED, error=e, request_id=hello.id)
     fanout = request.app[FANOUT]
     # The heartbeat sweep closes the connection when its session expires.
     session_ends = node.monotonic_at(principal.expires_at)
@@ -128,8 +150,7 @@ async def _admit(request: web.Request, ws: web.WebSocketResponse, out: AbstractS
         await presence.opened(node, conn.user_id, first)
     except TooManyConnections:
         await presence.refused(node, conn.user_id, fanout.remove_conn(conn))
-        await ws.close(code=CLOSE_TOO_MANY, message=b"too many connections")
-        return None
+        return _Refusal(CLOSE_TOO_MANY, b"too many connections")
     except (ChatError, RedisError, OSError):
         await presence.refused(node, conn.user_id, fanout.remove_conn(conn))
         raise
@@ -143,11 +164,11 @@ async def _admit(request: web.Request, ws: web.WebSocketResponse, out: AbstractS
     except ChatError as e:
         if e.code != "unauthorized":
             raise
-        await _refuse(ws, e, hello.id)
+        return _Refusal(CLOSE_UNAUTHORIZED, error=e, request_id=hello.id)
     finally:
         if not live:
             await _release(node, fanout, conn)
-    return conn if live else None
+    return conn
 
 
 async def _release(node: Node, fanout: Fanout, conn: Conn) -> None:
@@ -155,11 +176,6 @@ async def _release(node: Node, fanout: Fanout, conn: Conn) -> None:
     last = fanout.remove_conn(conn)
     await conn.stop()
     node.spawn(lambda: presence.closed(node, conn.user_id, last), retry=True)
-
-
-async def _refuse(ws: web.WebSocketResponse, err: ChatError, request_id: str | None) -> None:
-    await ws.send_frame(protocol.error_frame(err, request_id), WSMsgType.TEXT)
-    await ws.close(code=CLOSE_UNAUTHORIZED)
 
 
 async def _read_hello(ws: web.WebSocketResponse, node: Node) -> protocol.Hello | None:

@@ -1,6 +1,7 @@
 """A reconnect storm: hundreds of hellos at once on one node are welcomed in turns
 (`limits.welcomes_at_once`) instead of all waiting for Redis connections together and
-failing on the pool's timeout (close 1011). In-process app, real Valkey."""
+failing on the pool's timeout (close 1011); and no client can hold a turn. In-process
+app, real Valkey."""
 
 from __future__ import annotations
 
@@ -43,3 +44,23 @@ async def test_hellos_at_once_on_a_small_redis_pool_are_all_welcomed(
     user = await new_user(client, "storm")
     answers = await asyncio.gather(*(hello(client, user.token) for _ in range(HELLOS)))
     assert answers == ["welcome"] * HELLOS
+
+
+async def test_a_refused_client_that_never_answers_the_close_holds_up_no_welcome(
+        make_client: MakeClient) -> None:
+    client = await make_client(**{"limits.welcomes_at_once": 1})
+    user = await new_user(client, "patient")
+    # A bad token, and no reply to the node's close: the node waits up to 10 s for one.
+    rude = await client.ws_connect("/ws", autoclose=False)
+    try:
+        await rude.send_str(json.dumps({"type": "hello", "token": "not-a-token"}))
+        refused = await asyncio.wait_for(rude.receive(), 10)
+        assert json.loads(refused.data)["code"] == "unauthorized"
+        # The node is now waiting for the rude client's close reply; the next hello
+        # must not wait behind it for a turn.
+        assert await asyncio.wait_for(hello(client, user.token), 5) == "welcome"
+        closing = await asyncio.wait_for(rude.receive(), 10)
+        assert closing.type == WSMsgType.CLOSE
+        assert closing.data == 4001
+    finally:
+        await rude.close()
