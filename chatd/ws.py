@@ -103,9 +103,10 @@ async def _open(request: web.Request, ws: web.WebSocketResponse, out: AbstractSt
     wait.leave()
     if hello is None:
         return None
-    # A reconnect storm brings thousands of hellos at once. Taken all together, each
-    # would wait seconds for a Redis connection and fail on its timeout (1011), and
-    # the retries would add to the storm; in turns, each is quick.
+    # A reconnect storm brings thousands of hellos at once. Taken all together on a
+    # cluster, where their commands use redis-py's pools, most would find no free
+    # connection and be closed with 1011, and their retries would add to the storm;
+    # in turns, each is quick.
     async with request.app[WELCOMES]:
         admitted = await _admit(request, ws, out, node, hello)
     if isinstance(admitted, Conn):
