@@ -144,10 +144,9 @@ def _unavailable_peers(peers: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def cmd_run(args: argparse.Namespace, plans: list[Options]) -> int:
     raise_open_files_limit()  # thousands of sockets per process
-    command = "python -m bench " + shlex.join(sys.argv[1:])
-    scenarios = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
+    scenarios = [opts.scenario for opts in plans]
     wants_peers = bool(args.peers) and any(s in PEER_SCENARIOS for s in scenarios)
     skipped = _unavailable_peers(args.peers) if wants_peers else {}
     for peer, why in skipped.items():
@@ -155,8 +154,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     results = []
     failed = False
-    for scenario in scenarios:
-        opts = options_for(scenario, args, command)
+    for opts in plans:
+        scenario = opts.scenario
         opts.peers = tuple(p for p in opts.peers if p not in skipped)
         result = run(opts)
         if scenario in PEER_SCENARIOS:
@@ -198,8 +197,14 @@ def main(argv: list[str] | None = None) -> int:
             out_dir = args.out_dir or args.results.parent
             print(write_chart(result, out_dir / f"{args.results.stem}-{result.scenario}.png"))
         return 0
+    command = "python -m bench " + shlex.join(sys.argv[1:] if argv is None else argv)
+    scenarios = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
     try:
-        return cmd_run(args)
+        plans = [options_for(scenario, args, command) for scenario in scenarios]
+    except ValueError as e:
+        p.error(str(e))
+    try:
+        return cmd_run(args, plans)
     except BenchError as e:
         print(f"bench failed: {e}", file=sys.stderr)
         return 2

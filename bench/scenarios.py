@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
+import os
 import shutil
 import statistics
 import tempfile
@@ -40,6 +42,7 @@ from bench.plan import MEMBER, ConnSpec, Topology
 from bench.report import ScenarioResult, StepResult
 from bench.stallprobe import StallProbe
 from bench.tracking import count_loss, merge_samples, percentile
+from chatd import config
 
 SCENARIOS = ("rooms", "direct", "fanout", "idle", "resume")
 PEER_SCENARIOS = ("rooms", "fanout")
@@ -75,6 +78,38 @@ class Options:
     idle_window_s: float = 10.0
     log: bool = True
     keep_logs: bool = False
+
+    def __post_init__(self) -> None:
+        """Refuse what cannot make a run, naming the flag, before anything starts:
+        a zero, negative or endless size crashed a run half-way or measured nothing."""
+        at_least = {"--nodes": (self.nodes, 1), "--workers": (self.workers, 1),
+                    "--rooms": (self.rooms, 1), "--members": (self.members, 2),
+                    "--pairs": (self.pairs, 1), "--conns": (self.conns, 1),
+                    "--missed": (self.missed, 1), "--body-chars": (self.body_chars, 1),
+                    "--receipts-ms": (self.receipts_ms, 0), "--warmup": (self.warmup, 0),
+                    "--drain": (self.drain_s, 0)}
+        for flag, (value, lo) in at_least.items():
+            if not (math.isfinite(value) and value >= lo):
+                raise ValueError(f"{flag} must be a number of at least {lo}, not {value:g}")
+        above_zero = {"--duration": self.duration, "--slo-ms": self.slo_ms,
+                      "--heartbeat-s": self.heartbeat_s, "--idle-window": self.idle_window_s}
+        for flag, value in above_zero.items():
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{flag} must be a finite number above 0, not {value:g}")
+        if self.warmup >= self.duration:
+            raise ValueError(f"--warmup ({self.warmup:g} s) must be shorter than --duration "
+                             f"({self.duration:g} s)")
+        if self.chatd:
+            # The nodes' own settings (--chatd-env over the bench's), read as they will:
+            # a bad key or a body chatd refuses fails here, not in every send.
+            try:
+                limits = config.load(env={**os.environ, **chatd_env(self)}).limits
+            except config.ConfigError as e:
+                raise ValueError(f"--chatd-env: {e}") from None
+            if self.body_chars > limits.max_body_chars:
+                raise ValueError(f"--body-chars {self.body_chars} is over chatd's "
+                                 f"limits.max_body_chars ({limits.max_body_chars}); raise it "
+                                 "with --chatd-env CHATD_LIMITS__MAX_BODY_CHARS=N")
 
     def say(self, text: str) -> None:
         if self.log:
