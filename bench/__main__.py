@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import shlex
 import sys
 import time
@@ -193,7 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "list":
         return cmd_list()
     if args.command == "chart":
-        for result in load_json(args.results):
+        try:
+            results = load_json(args.results)
+        except (OSError, ValueError) as e:
+            p.error(str(e))
+        for result in results:
             out_dir = args.out_dir or args.results.parent
             print(write_chart(result, out_dir / f"{args.results.stem}-{result.scenario}.png"))
         return 0
@@ -203,6 +208,17 @@ def main(argv: list[str] | None = None) -> int:
         plans = [options_for(scenario, args, command) for scenario in scenarios]
     except ValueError as e:
         p.error(str(e))
+    # Checked now: found only when writing, a run's results would be lost after it ran.
+    for flag, folder in (("--results-dir", args.results_dir),
+                         ("--json", args.json.parent if args.json else None)):
+        if folder is None:
+            continue
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            p.error(f"{flag}: cannot create {folder} ({e.strerror})")
+        if not os.access(folder, os.W_OK):
+            p.error(f"{flag}: {folder} is not writable")
     try:
         return cmd_run(args, plans)
     except BenchError as e:

@@ -314,15 +314,20 @@ def render(result: ScenarioResult) -> str:
 
 
 def load_json(path: Path) -> list[ScenarioResult]:
-    """Results written by :func:`write_json` (to redraw a chart)."""
+    """Results written by :func:`write_json` (to redraw a chart); ValueError naming the
+    file when it is not one, OSError when it cannot be read."""
     names = {f.name for f in fields(StepResult)}
     out = []
-    for raw in json.loads(path.read_text()):
-        result = ScenarioResult(raw["scenario"], raw["command"], raw["setup"],
-                                summary=raw["summary"], notes=raw["notes"])
-        result.steps = {system: [StepResult(**{k: v for k, v in s.items() if k in names})
-                                 for s in steps] for system, steps in raw["steps"].items()}
-        out.append(result)
+    try:
+        for raw in json.loads(path.read_text()):
+            result = ScenarioResult(raw["scenario"], raw["command"], raw["setup"],
+                                    summary=raw["summary"], notes=raw["notes"])
+            result.steps = {system: [StepResult(**{k: v for k, v in s.items() if k in names})
+                                     for s in steps] for system, steps in raw["steps"].items()}
+            out.append(result)
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise ValueError(f"{path} is not a results file of python -m bench run "
+                         f"({type(e).__name__}: {e})") from None
     return out
 
 

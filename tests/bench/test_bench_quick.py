@@ -100,3 +100,19 @@ def test_quick_node_peer(quick_run: tuple[str, dict[str, Any]], scenario: str) -
     rows = re.findall(r"^node +[0-9]", section, re.MULTILINE)
     # Its row in the rates table, in the CPU table and in the chatd/peer ratios.
     assert len(rows) == 3 * len(steps), section
+
+
+def test_charts_are_redrawn_from_the_results(quick_run: tuple[str, dict[str, Any]],
+                                             tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.__main__ import main  # after the importorskips above
+
+    _, results = quick_run
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(list(results.values())))
+    assert main(["chart", str(path), "--out-dir", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    for scenario in STEPPED:
+        chart = tmp_path / f"results-{scenario}.png"
+        assert (chart.stat().st_size > 0 if chart.exists()
+                else "matplotlib is not installed" in printed), printed

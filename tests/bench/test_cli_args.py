@@ -3,6 +3,8 @@ starts: each of these once crashed a run half-way, or ran and measured nothing."
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from bench.__main__ import main
@@ -47,3 +49,31 @@ def test_a_body_over_the_default_limit_is_fine_once_chatd_takes_it() -> None:
 def test_the_peers_alone_are_not_held_to_chatd_s_limits() -> None:
     opts = Options(scenario="rooms", command="", body_chars=100_000, chatd=False)
     assert not opts.chatd
+
+
+def test_results_that_could_not_be_written_stop_the_run_before_it_starts(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    taken = tmp_path / "a-file"
+    taken.write_text("")
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", "--scenario", "rooms", "--no-peer", "--results-dir", str(taken)])
+    assert exit_.value.code == 2
+    assert f"--results-dir: cannot create {taken}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (None, "No such file or directory"),
+    ("not json", "is not a results file of python -m bench run (JSONDecodeError"),
+    ('{"a": 1}', "is not a results file of python -m bench run (TypeError"),
+    ('[{"scenario": "rooms"}]', "is not a results file of python -m bench run (KeyError"),
+])
+def test_chart_of_something_else_than_results_is_a_usage_error(
+        tmp_path: Path, content: str | None, message: str,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "results.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SystemExit) as exit_:
+        main(["chart", str(path)])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
