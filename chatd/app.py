@@ -13,6 +13,7 @@ from redis.exceptions import RedisError
 from chatd import api_accounts, api_messages, api_rooms, http, keys, ops, redisconn, webclient, ws
 from chatd.appkeys import FANOUT, NODE, SETTINGS
 from chatd.broker import Broker
+from chatd.capacity import Sockets, cap_for
 from chatd.config import Settings, redact_url
 from chatd.embedded import EmbeddedValkey
 from chatd.errors import ChatError
@@ -69,7 +70,9 @@ async def _node_ctx(app: web.Application) -> AsyncIterator[None]:
                           master_client=redis.master_client if redis.is_cluster else None,
                           mux=redis.mux)
         node = Node(settings=settings, node_id=node_id_for(settings), redis=redis,
-                    scripts=scripts, metrics=metrics)
+                    scripts=scripts, metrics=metrics,
+                    sockets=Sockets(cap_for(settings.limits.max_connections_per_node)))
+        metrics.connections_max.set(node.sockets.cap)
         node.survivors.watch()
         stack.callback(node.survivors.unwatch)
         stack.push_async_callback(node.stop_loops)
@@ -93,7 +96,7 @@ async def _node_ctx(app: web.Application) -> AsyncIterator[None]:
         node.add_loop(Loop("janitor", janitor.step, metrics,
                            interval_s=settings.fanout.janitor_interval_s))
         log.info("node started", extra={
-            "node_id": node.node_id,
+            "node_id": node.node_id, "max_connections": node.sockets.cap,
             "redis": ",".join(settings.redis.cluster_nodes) or redact_url(url)})
         yield
         node.draining = True

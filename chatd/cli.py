@@ -60,6 +60,8 @@ def settings_from(args: argparse.Namespace) -> config.Settings:
 
 
 async def serve(settings: config.Settings) -> None:
+    # Before the app starts: a node sizes its connection cap from this limit (capacity.py).
+    max_open_files = listen.raise_open_files_limit()
     # aiohttp's keep-alive timer also runs from connect (aiohttp >= 3.14.4) and is not
     # pushed back by a partial request: a client that sends nothing, or trickles its
     # headers, holds its socket at most this long. Lingering is how long aiohttp reads
@@ -72,7 +74,6 @@ async def serve(settings: config.Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    max_open_files = listen.raise_open_files_limit()
     try:
         await runner.setup()
         try:

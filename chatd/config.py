@@ -88,6 +88,7 @@ class LimitsSettings:
     auth_timeout_s: float = _opt(5.0, lo=0.1, hi=600)
     hello_waits_per_ip: int = _opt(4096, lo=1, hi=1_000_000)
     welcomes_at_once: int = _opt(32, lo=1, hi=100_000)
+    max_connections_per_node: int = _opt(0, lo=0, hi=100_000_000)
     heartbeat_s: float = _opt(20.0, lo=0.5, hi=3600)
     max_connections_per_user: int = _opt(16, lo=1, hi=10_000)
     invalid_frames_max: int = _opt(10, lo=1, hi=1_000_000)

@@ -95,6 +95,10 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.connections = Gauge("chatd_connections", "Open WebSocket connections", registry=r)
+        self.connections_max = Gauge(
+            "chatd_connections_max", "WebSockets this node takes at once (limits."
+            "max_connections_per_node, or its open-files limit less what it keeps back); "
+            "one more is refused with 503", registry=r)
         Gauge("chatd_gc_frozen_objects",
               "Objects out of the garbage collector's reach (gc.freeze), which full "
               "collections skip", registry=r).set_function(gc.get_freeze_count)

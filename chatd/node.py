@@ -15,6 +15,7 @@ from typing import IO
 from redis.exceptions import RedisError
 
 from chatd import keys
+from chatd.capacity import Sockets, cap_for
 from chatd.config import ConfigError, Settings
 from chatd.errors import ChatError
 from chatd.gcfreeze import FreezeSurvivors
@@ -41,6 +42,7 @@ class Node:
     redis_ok: bool = True
     draining: bool = False
     survivors: FreezeSurvivors = field(default_factory=FreezeSurvivors)
+    sockets: Sockets = field(default_factory=lambda: Sockets(cap_for(0)))
     # Redis' clock minus ours, from the last heartbeat (off by at most its round trip).
     # Stream ids, message `ts` and session expiry are on Redis' clock, and nodes may
     # run on hosts whose clocks differ from the Redis host's.

@@ -57,7 +57,7 @@ async def handler(request: web.Request) -> web.StreamResponse:
     limits = node.settings.limits
     if not origin_allowed(request, node.settings.server.allowed_origins):
         raise ChatError("forbidden", "origin not allowed")
-    with request.app[HELLO_WAITS].enter(client_key(request)) as wait:
+    with node.sockets.hold(), request.app[HELLO_WAITS].enter(client_key(request)) as wait:
         # No permessage-deflate: chat frames are small, and compressing every frame
         # for every recipient would cost more CPU than the bytes it saves.
         # aiohttp refuses a message of max_msg_size bytes or more; the protocol refuses
