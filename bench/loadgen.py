@@ -20,6 +20,7 @@ import collections
 import contextlib
 import gc
 import multiprocessing
+import resource
 import time
 import traceback
 from collections.abc import Callable, Coroutine
@@ -68,6 +69,19 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     except ImportError:  # pragma: no cover
         return asyncio.run(coro)
     return uvloop.run(coro)
+
+
+# Files a load-generator process needs besides its connections (its pipe, the event
+# loop, the timer, libraries').
+SPARE_FILES = 64
+
+
+def files_for_connections() -> int:
+    """How many connections one load-generator process can hold here: its open-files
+    limit once lifted (as worker_main does) less what the process needs besides."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    limit = soft if hard == resource.RLIM_INFINITY else hard
+    return max(0, limit - SPARE_FILES)
 
 
 def source_address(idx: int) -> str:

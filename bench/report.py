@@ -246,22 +246,32 @@ def targets(result: ScenarioResult) -> list[str]:
 def _idle_targets(s: dict[str, Any]) -> list[str]:
     if not s:
         return []
-    per_node = s["connections"] // s["nodes"]
+    nodes = s["nodes"]
+    asked = s.get("connections_asked", s["connections"]) // nodes
+    held = s["connections"] // nodes
     kib_met = s["rss_per_conn_kib"] <= IDLE_KIB_TARGET
     out = [f"RSS per idle connection (<= {IDLE_KIB_TARGET:g} KiB): "
            f"{_f(s['rss_per_conn_kib'], 2)} KiB: {'met' if kib_met else 'NOT met'}"]
     head = f"idle connections on one node ({IDLE_CONNS_TARGET:,}): "
     limit = s["node_open_files_limit"]
-    if per_node < IDLE_CONNS_TARGET:
+    files = (f"a node here may open {limit:,} files, one per connection, and the busiest "
+             f"had {s['node_open_files']:,} open")
+    failed = s.get("not_connected", 0)
+    if failed:
+        files = f"{failed:,} failed to connect (first: {s['not_connected_because']}); {files}"
+    if asked < IDLE_CONNS_TARGET:
         fit = (f": fewer than {IDLE_CONNS_TARGET:,} connections fit"
                if limit < IDLE_CONNS_TARGET else "")
-        out.append(f"{head}not measured, this run held {per_node:,} per node (ask with --nodes 1 "
-                   f"--conns {IDLE_CONNS_TARGET}); a node here may open {limit:,} files, one "
-                   f"per connection, and the busiest had {s['node_open_files']:,} open{fit}")
+        workers = -(-IDLE_CONNS_TARGET // s["loadgen_files"]) if s.get("loadgen_files") else 1
+        ask = f"--nodes 1 --conns {IDLE_CONNS_TARGET}" + (
+            f" --workers {workers}" if workers > 1 else "")
+        out.append(f"{head}not measured, this run held {held:,} per node (ask with {ask}); "
+                   f"{files}{fit}")
     else:
-        met = s["up_at_end"] == s["connections"]
-        out.append(f"{head}{per_node:,} per node, {s['up_at_end']:,} of {s['connections']:,} up "
-                   f"at the end: {'met' if met else 'NOT met'}")
+        met = not failed and s["up_at_end"] == s["connections"]
+        total = s.get("connections_asked", s["connections"])
+        out.append(f"{head}{held:,} per node, {s['up_at_end']:,} of {total:,} up at the end"
+                   f"{'; ' + files if failed else ''}: {'met' if met else 'NOT met'}")
     return out
 
 

@@ -36,7 +36,7 @@ from bench.cluster import (
     redis_command_calls,
     run_queue_wait_s,
 )
-from bench.loadgen import WorkerPool
+from bench.loadgen import WorkerPool, files_for_connections
 from bench.peers import node_setup
 from bench.plan import MEMBER, ConnSpec, Topology
 from bench.report import ScenarioResult, StepResult
@@ -99,6 +99,15 @@ class Options:
         if self.warmup >= self.duration:
             raise ValueError(f"--warmup ({self.warmup:g} s) must be shorter than --duration "
                              f"({self.duration:g} s)")
+        # One connection is one file, and a load-generator process may open only so
+        # many: past that its connects fail, which would read as the servers' limit.
+        conns = _topology(self).n_users
+        each = -(-conns // self.workers)
+        files = files_for_connections()
+        if each > files:
+            raise ValueError(f"{conns:,} connections over {self.workers} load-generator "
+                             f"process(es) is {each:,} each, and one may hold {files:,} "
+                             f"here: use --workers {-(-conns // files)} or more")
         if self.chatd:
             # The nodes' own settings (--chatd-env over the bench's), read as they will:
             # a bad key or a body chatd refuses fails here, not in every send.
@@ -374,18 +383,28 @@ def _peer_specs(opts: Options, stack: Stack, topo: Topology, peer: str) -> list[
                            [f"room{j}" for j in range(len(topo.rooms))])
 
 
+@dataclass(frozen=True)
+class Connects:
+    seconds: float
+    connected: int
+    failed: int
+    first_error: str  # "" when none failed
+
+
 def _connect(opts: Options, pool: WorkerPool, system: str, roles: list[str] | None = None,
-             resume: bool = False) -> float:
+             resume: bool = False, *, all_needed: bool = True) -> Connects:
+    """Connect, and with `all_needed` fail the run unless every connection came up."""
     started = time.monotonic()
     replies = pool.call("connect", roles, resume, timeout=300)
     failed = sum(r["failed"] for r in replies)
     connected = sum(r["connected"] for r in replies)
-    if failed:
-        first = next(r["first_error"] for r in replies if r["first_error"])
+    first = next((r["first_error"] for r in replies if r["first_error"]), "")
+    if failed and (all_needed or not connected):
         raise BenchError(f"{system}: {failed} connections failed (first: {first})")
     seconds = time.monotonic() - started
-    opts.say(f"{system}: {connected} connections open in {seconds:.1f}s")
-    return seconds
+    opts.say(f"{system}: {connected} connections open in {seconds:.1f}s"
+             + (f", {failed} failed (first: {first})" if failed else ""))
+    return Connects(seconds, connected, failed, first)
 
 
 def _topology(opts: Options) -> Topology:
@@ -479,7 +498,9 @@ def run_idle(opts: Options) -> ScenarioResult:
             a = _sample(stack, pool, with_status=False)
             _sleep_until(time.time() + opts.idle_window_s, stack)
             b = _sample(stack, pool, with_status=False)
-            connect_s = _connect(opts, pool, "chatd")
+            # How many a node can hold is what this scenario finds out: connections
+            # that fail are counted and reported, not an error of the run.
+            connects = _connect(opts, pool, "chatd", all_needed=False)
             # Measure once every connection is past its first ping (steady state), over
             # at least one heartbeat: a shorter window may hold no ping at all.
             _sleep_until(time.time() + max(1.0, opts.heartbeat_s), stack)
@@ -493,16 +514,18 @@ def run_idle(opts: Options) -> ScenarioResult:
         finally:
             pool.close()
             stack.stop_nodes()
-        n = len(specs)
+        n = connects.connected
         full_gcs = sum(count for count, _, _ in collections)
         base_cpu = (b.server - a.server) / (b.t - a.t)
         idle_cpu = (d.server - c.server) / (d.t - c.t)
         # As counted by the clients: the server decides when to ping (chatd/heartbeat.py).
         pings = max(1, d.status["pings"] - c.status["pings"])
         result.summary["chatd"] = {
-            "connections": n, "nodes": opts.nodes, "up_at_end": status["up"],
-            "connect_s": round(connect_s, 2),
-            "connects_per_s": round(n / connect_s, 1),
+            "connections_asked": len(specs), "connections": n, "nodes": opts.nodes,
+            "up_at_end": status["up"], "not_connected": connects.failed,
+            "not_connected_because": connects.first_error,
+            "connect_s": round(connects.seconds, 2),
+            "connects_per_s": round(n / connects.seconds, 1),
             "server_rss_before_mib": round(rss0 / 2**20, 1),
             "server_rss_after_mib": round(rss1 / 2**20, 1),
             "rss_per_conn_kib": round((rss1 - rss0) / n / 1024, 2),
@@ -520,6 +543,7 @@ def run_idle(opts: Options) -> ScenarioResult:
             # What bounds the connections of a node here: a connection is one file.
             "node_open_files": max(open_ for open_, _ in files),
             "node_open_files_limit": min(limit for _, limit in files),
+            "loadgen_files": files_for_connections(),  # connections one client process holds
             # Full collections scan every tracked object: their pause grows with
             # the connections (chatd_gc_full_pause_seconds), here over the whole run.
             "full_gcs": full_gcs,

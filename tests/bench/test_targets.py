@@ -98,6 +98,8 @@ def test_idle_says_how_many_connections_one_node_held_and_what_stopped_it() -> N
         "idle connections on one node (50,000): not measured, this run held 19,000 per node "
         "(ask with --nodes 1 --conns 50000); a node here may open 20,000 files, one per "
         "connection, and the busiest had 19,051 open: fewer than 50,000 connections fit"]
+    assert "(ask with --nodes 1 --conns 50000 --workers 3)" in targets(
+        idle(loadgen_files=19_936))[1]
     roomy = idle(node_open_files_limit=1_048_576)
     assert targets(roomy)[1].endswith("the busiest had 19,051 open")
     assert "targets (issue 8; figures from this run):" in render(idle())
@@ -109,6 +111,13 @@ def test_idle_connections_are_counted_per_node_and_must_all_stay_up() -> None:
         "RSS per idle connection (<= 20 KiB): 21.00 KiB: NOT met",
         "idle connections on one node (50,000): 50,000 per node, 100,000 of 100,000 up at "
         "the end: met"]
+    capped = idle(connections_asked=50_000, connections=19_000, up_at_end=19_000,
+                  not_connected=31_000, not_connected_because="HandshakeError('no upgrade: 503')",
+                  node_open_files=19_260, loadgen_files=19_936)
+    assert targets(capped)[1] == (
+        "idle connections on one node (50,000): 19,000 per node, 19,000 of 50,000 up at the "
+        "end; 31,000 failed to connect (first: HandshakeError('no upgrade: 503')); a node here "
+        "may open 20,000 files, one per connection, and the busiest had 19,260 open: NOT met")
     dropped = idle(connections=50_000, up_at_end=49_999, node_open_files_limit=1_048_576)
     assert targets(dropped)[1].startswith(
         "idle connections on one node (50,000): 50,000 per node, 49,999 of 50,000 up at the "
