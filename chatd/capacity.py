@@ -16,9 +16,10 @@ from collections.abc import Iterator
 from chatd.errors import ChatError
 
 # Kept back from the open-files limit: a twentieth of it, at least this many (Redis
-# pools, HTTP requests, listening sockets, logs).
+# pools, HTTP requests, listening sockets, logs), but never more than a quarter.
 RESERVE_MIN = 256
 RESERVE_SHARE = 20
+RESERVE_MAX_SHARE = 4
 
 
 def cap_for(configured: int, open_files: int | None = None) -> int:
@@ -28,7 +29,8 @@ def cap_for(configured: int, open_files: int | None = None) -> int:
         return configured
     if open_files is None:
         open_files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    return max(1, open_files - max(RESERVE_MIN, open_files // RESERVE_SHARE))
+    reserve = max(min(RESERVE_MIN, open_files // RESERVE_MAX_SHARE), open_files // RESERVE_SHARE)
+    return max(1, open_files - reserve)
 
 
 class Sockets:

@@ -16,8 +16,10 @@ def test_a_configured_cap_wins() -> None:
     (20_000, 19_000),  # a twentieth kept back
     (1_048_576, 996_148),
     (1024, 768),  # at least 256 kept back
-    (300, 44),
-    (100, 1),  # never none at all
+    (400, 300),  # but at most a quarter
+    (128, 96),
+    (3, 3),
+    (1, 1),
 ])
 def test_by_default_files_are_kept_back_from_the_limit(open_files: int, cap: int) -> None:
     assert cap_for(0, open_files=open_files) == cap
