@@ -20,6 +20,7 @@ from chatd.errors import ChatError
 RESERVE_MIN = 256
 RESERVE_SHARE = 20
 RESERVE_MAX_SHARE = 4
+NO_LIMIT_CAP = 100_000_000  # no file limit to stay under (an unlimited RLIMIT_NOFILE)
 
 
 def cap_for(configured: int, open_files: int | None = None) -> int:
@@ -29,6 +30,8 @@ def cap_for(configured: int, open_files: int | None = None) -> int:
         return configured
     if open_files is None:
         open_files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if open_files == resource.RLIM_INFINITY:
+        return NO_LIMIT_CAP
     reserve = max(min(RESERVE_MIN, open_files // RESERVE_MAX_SHARE), open_files // RESERVE_SHARE)
     return max(1, open_files - reserve)
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import resource
+
 import pytest
 
-from chatd.capacity import Sockets, cap_for
+from chatd.capacity import NO_LIMIT_CAP, Sockets, cap_for
 from chatd.errors import ChatError
 
 
@@ -23,6 +25,10 @@ def test_a_configured_cap_wins() -> None:
 ])
 def test_by_default_files_are_kept_back_from_the_limit(open_files: int, cap: int) -> None:
     assert cap_for(0, open_files=open_files) == cap
+
+
+def test_an_unlimited_file_limit_leaves_the_cap_at_its_largest() -> None:
+    assert cap_for(0, open_files=resource.RLIM_INFINITY) == NO_LIMIT_CAP
 
 
 def test_the_socket_over_the_cap_is_refused_and_a_closed_one_frees_its_place() -> None:
