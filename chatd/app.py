@@ -72,6 +72,7 @@ async def _node_ctx(app: web.Application) -> AsyncIterator[None]:
         node = Node(settings=settings, node_id=node_id_for(settings), redis=redis,
                     scripts=scripts, metrics=metrics,
                     sockets=Sockets(cap_for(settings.limits.max_connections_per_node)))
+        metrics.connections.set_function(lambda: node.sockets.open)
         metrics.connections_max.set(node.sockets.cap)
         node.survivors.watch()
         stack.callback(node.survivors.unwatch)

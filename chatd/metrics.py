@@ -94,7 +94,8 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.connections = Gauge("chatd_connections", "Open WebSocket connections", registry=r)
+        self.connections = Gauge("chatd_connections", "Open WebSocket connections, counted "
+                                 "from their upgrade request", registry=r)
         self.connections_max = Gauge(
             "chatd_connections_max", "WebSockets this node takes at once (limits."
             "max_connections_per_node, or its open-files limit less what it keeps back); "

@@ -66,7 +66,6 @@ async def handler(request: web.Request) -> web.StreamResponse:
         ws = web.WebSocketResponse(autoping=False, max_msg_size=limits.max_frame_bytes + 1,
                                    decode_text=False, compress=False)
         out = await ws.prepare(request)
-        node.metrics.connections.inc()
         opened_at = node.survivors.opened()
         try:
             conn = await _open(request, ws, out, node, wait)
@@ -86,7 +85,6 @@ async def handler(request: web.Request) -> web.StreamResponse:
             if not ws.closed:
                 await ws.close(code=CLOSE_INTERNAL)
         finally:
-            node.metrics.connections.dec()
             node.survivors.closed(opened_at)
             node.metrics.closes.labels(str(ws.close_code)).inc()
     return ws
