@@ -81,6 +81,8 @@ def parser() -> argparse.ArgumentParser:
                    "step's backlog after sending stops")
     r.add_argument("--all-steps", action="store_true", help="do not stop at saturation")
     r.add_argument("--slo-ms", type=float, default=1000.0, help="p99 above this = saturated")
+    r.add_argument("--half-steps", type=int, default=3, help="rooms: once chatd saturates, "
+                   "this many steps at half its rate, for the p99 target (3; 0 = none)")
     r.add_argument("--body-chars", type=int, default=64, help="message body length (64)")
     r.add_argument("--receipts-ms", type=int, default=0, help="chatd clients send a "
                    "cumulative `delivered` this often (0 = never)")
@@ -125,7 +127,8 @@ def options_for(scenario: str, args: argparse.Namespace, command: str) -> Option
     return Options(scenario=scenario, command=command, quick=args.quick, nodes=args.nodes,
                    workers=args.workers, body_chars=args.body_chars,
                    receipts_ms=args.receipts_ms, slo_ms=args.slo_ms,
-                   all_steps=args.all_steps, peers=args.peers, chatd=args.chatd,
+                   all_steps=args.all_steps, half_steps=args.half_steps,
+                   peers=args.peers, chatd=args.chatd,
                    chatd_env=dict(args.chatd_env), keep_logs=args.keep_logs, **sizes)
 
 

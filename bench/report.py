@@ -154,7 +154,9 @@ def steps_table(result: ScenarioResult) -> str:
 
 def ratios(result: ScenarioResult) -> list[dict[str, Any]]:
     """chatd / each peer at equal offered load (steps both systems ran)."""
-    chatd = {s.offered: s for s in result.steps.get("chatd", [])}
+    chatd: dict[float, StepResult] = {}
+    for s in result.steps.get("chatd", []):
+        chatd.setdefault(s.offered, s)  # the stepped series, not a repeat after it
     out = []
     for system, steps in result.steps.items():
         if system == "chatd":
@@ -363,9 +365,22 @@ def write_chart(result: ScenarioResult, path: Path) -> str:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for system, steps in result.steps.items():
         label = SYSTEM_LABELS.get(system, system)
-        xs = [s.offered for s in steps]
-        ax1.plot(xs, [s.delivered_rate for s in steps], marker="o", label=label)
-        ax2.plot(xs, [s.p99_ms or math.nan for s in steps], marker="o", label=label)
+        # A line through the first step at each rate; repeats of a rate (half of
+        # saturation, or one given twice in --rates) are points on it.
+        first: dict[float, StepResult] = {}
+        for s in steps:
+            first.setdefault(s.offered, s)
+        line = sorted(first.values(), key=lambda s: s.offered)
+        xs = [s.offered for s in line]
+        (drawn,) = ax1.plot(xs, [s.delivered_rate for s in line], marker="o", label=label)
+        ax2.plot(xs, [s.p99_ms or math.nan for s in line], marker="o", label=label,
+                 color=drawn.get_color())
+        repeats = [s for s in steps if first[s.offered] is not s]
+        if repeats:
+            ax1.plot([s.offered for s in repeats], [s.delivered_rate for s in repeats],
+                     linestyle="", marker=".", color=drawn.get_color())
+            ax2.plot([s.offered for s in repeats], [s.p99_ms or math.nan for s in repeats],
+                     linestyle="", marker=".", color=drawn.get_color())
         for s in steps:
             if s.saturated:
                 ax1.plot([s.offered], [s.delivered_rate], marker="x", color="red", markersize=9)

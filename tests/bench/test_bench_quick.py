@@ -116,3 +116,26 @@ def test_charts_are_redrawn_from_the_results(quick_run: tuple[str, dict[str, Any
         chart = tmp_path / f"results-{scenario}.png"
         assert (chart.stat().st_size > 0 if chart.exists()
                 else "matplotlib is not installed" in printed), printed
+
+
+@pytest.mark.timeout(RUN_TIMEOUT_S)
+def test_rooms_repeats_half_of_saturation(tmp_path: Path) -> None:
+    """Once chatd saturates, `rooms` runs --half-steps more steps at half that rate: here
+    every step counts as saturated (a p99 objective of 1 us), so the first one is."""
+    json_path = tmp_path / "results.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "run", "--scenario", "rooms", "--quick", "--no-peer",
+         "--rates", "60", "--slo-ms", "0.001", "--half-steps", "2", "--no-chart",
+         "--results-dir", str(tmp_path), "--json", str(json_path)],
+        cwd=REPO_ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
+        check=False)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"bench exited with {proc.returncode}:\n{output[-6000:]}"
+    (result,) = json.loads(json_path.read_text())
+    steps = result["steps"]["chatd"]
+    assert [s["offered"] for s in steps] == [60, 30, 30], output[-3000:]
+    assert "chatd step 1 (half of saturation, 1 of 2): offered 30/s" in output
+    assert "chatd step 2 (half of saturation, 2 of 2): offered 30/s" in output
+    for s in steps:
+        assert s["lost"] == 0 and s["late"] == 0 and s["dups"] == 0, s

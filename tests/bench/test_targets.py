@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.report import ScenarioResult, StepResult, render, targets
+from bench.report import ScenarioResult, StepResult, ratios, render, targets
 
 
 def step(system: str, offered: float, *, p99: float = 1.0, saturated: str = "",
@@ -83,6 +83,23 @@ def test_a_rate_given_more_than_once_is_judged_by_its_median_step() -> None:
         "p99 at half of saturation (< 5 ms): saturated at 10,000 sends/s; at 5,000 sends/s "
         "median p99 of 3 steps (16.0, 4.0, 4.5) 4.5 ms: met")
 
+
+
+def test_steps_at_half_of_saturation_after_the_series_are_judged_with_it() -> None:
+    # What `--half-steps 3` appends once 10,000 saturated: three steps at 5,000.
+    result = rooms(step("chatd", 4000, p99=3.0), step("chatd", 6000, p99=9.0),
+                   step("chatd", 10000, saturated="behind"), step("chatd", 5000, p99=7.0),
+                   step("chatd", 5000, p99=4.0), step("chatd", 5000, p99=4.8))
+    assert targets(result)[0] == (
+        "p99 at half of saturation (< 5 ms): saturated at 10,000 sends/s; at 5,000 sends/s "
+        "median p99 of 3 steps (7.0, 4.0, 4.8) 4.8 ms: met")
+
+
+def test_a_peer_is_compared_with_chatd_s_stepped_series_not_a_repeat() -> None:
+    result = rooms(step("chatd", 1000, cpu=1.0), step("chatd", 2000, saturated="behind"),
+                   step("chatd", 1000, cpu=4.0), step("sio", 1000, cpu=2.0))
+    (ratio,) = ratios(result)
+    assert ratio["offered"] == 1000 and ratio["deliv_per_cpu_ratio"] == 2.0
 
 def idle(**figures: Any) -> ScenarioResult:
     result = ScenarioResult("idle", "python -m bench run --scenario idle")
