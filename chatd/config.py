@@ -122,6 +122,7 @@ class FanoutSettings:
     inbox_max_len: int = _opt(100_000, lo=100, hi=100_000_000)
     read_count: int = _opt(512, lo=1, hi=100_000)
     block_ms: int = _opt(1000, lo=10, hi=60_000)
+    coalesce_ms: float = _opt(5.0, lo=0, hi=1000)
 
 
 @dataclass(frozen=True)
