@@ -81,18 +81,19 @@ class Pacer:
     def __init__(self, wait_s: float) -> None:
         self.wait_s = wait_s
         self._previous = -math.inf  # when the previous batch began, its wait left out
-        self.busy = 0.0  # moving average of the share of time spent handling batches
+        self._busy = 0.0  # moving average of the share of time spent handling batches
 
     def wait_after(self, started: float, took: float, entries: int, frames: int) -> float:
         """Seconds to wait after a batch of `entries` messages that handed `frames` frames
         to local connections, began at `started` and took `took` (time.monotonic())."""
         if not entries:
             return 0.0  # a read that found nothing: the node had time to spare
-        since = started - self._previous
+        # At least a microsecond: a timer may end the wait a little early.
+        since = max(started - self._previous, 1e-6)
         self._previous = started
         # Each batch weighs by the time it covers: after a lull the past counts no more.
-        self.busy += min(1.0, since / BUSY_WINDOW_S) * (min(1.0, took / since) - self.busy)
-        if not self.wait_s or frames < BIG_ROOM_FRAMES * entries or self.busy < BUSY_SHARE:
+        self._busy += min(1.0, since / BUSY_WINDOW_S) * (min(1.0, took / since) - self._busy)
+        if not self.wait_s or frames < BIG_ROOM_FRAMES * entries or self._busy < BUSY_SHARE:
             return 0.0
         # The node's own wait is not load: the next batch is judged without it.
         self._previous += self.wait_s
