@@ -181,6 +181,7 @@ class Broker:
             wait_s = pacer.wait_after(started, time.monotonic() - started,
                                       sum(n for _, n in handled), frames_out.value - frames)
             if wait_s:
+                self.node.metrics.inbox_waits.value += 1
                 await asyncio.sleep(wait_s)
 
         return step

@@ -106,12 +106,16 @@ class Metrics:
         self.frames_in = Tally()
         self.frames_out = Tally()
         self.inbox_entries = Tally()
+        self.inbox_waits = Tally()
         self.delivery_lag = Spread(_LAG_BUCKETS)
         self.full_collections = FullCollections()
         r.register(_Tallies({
             "chatd_frames_in": ("WebSocket frames received", self.frames_in),
             "chatd_frames_out": ("WebSocket frames sent to clients", self.frames_out),
             "chatd_inbox_entries": ("Fanout entries read from inboxes", self.inbox_entries),
+            "chatd_inbox_paced_waits": (
+                "Waits of fanout.coalesce_ms between inbox reads, while messages to big rooms "
+                "kept this node busy", self.inbox_waits),
         }, {
             "chatd_delivery_lag_seconds": (
                 "Age of room inbox entries (since Redis stored them, on Redis' clock) when "

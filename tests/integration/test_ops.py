@@ -162,7 +162,7 @@ async def test_metrics(node: ChatdNode, session: aiohttp.ClientSession) -> None:
     for name in ("chatd_connections", "chatd_frames_in", "chatd_frames_out", "chatd_sends",
                  "chatd_inbox_entries", "chatd_redis_call_seconds", "chatd_errors",
                  "chatd_delivery_lag_seconds", "chatd_gc_full_pause_seconds",
-                 "chatd_gc_frozen_objects"):
+                 "chatd_gc_frozen_objects", "chatd_inbox_paced_waits"):
         assert f"# TYPE {name}" in text, name
     values = samples(text)
     assert values[("chatd_connections", ())] == 1.0  # the open WebSocket
@@ -171,6 +171,7 @@ async def test_metrics(node: ChatdNode, session: aiohttp.ClientSession) -> None:
     # The welcome, two acks, the error, and the message itself once it came back.
     assert values[("chatd_frames_out_total", ())] >= 4.0
     assert values[("chatd_inbox_entries_total", ())] >= 1.0
+    assert values[("chatd_inbox_paced_waits_total", ())] == 0.0  # a small room never waits
     assert values[("chatd_sends_total", (("duplicate", "false"),))] == 1.0
     assert values[("chatd_sends_total", (("duplicate", "true"),))] == 1.0
     assert values[("chatd_errors_total", (("code", "not_found"),))] == 1.0

@@ -37,7 +37,7 @@ class FakeReader:
 def make_broker(reader: FakeReader, fanout: Any = None) -> Broker:
     settings = SimpleNamespace(fanout=SimpleNamespace(read_count=100, block_ms=1000,
                                                       coalesce_ms=5.0))
-    metrics = SimpleNamespace(frames_out=Tally(), inbox_entries=Tally(),
+    metrics = SimpleNamespace(frames_out=Tally(), inbox_entries=Tally(), inbox_waits=Tally(),
                               delivery_lag=SimpleNamespace(observe=lambda _: None))
     node = SimpleNamespace(node_id="n1", partitions=1, settings=settings, metrics=metrics,
                            redis=SimpleNamespace(is_cluster=False, reader=reader),
@@ -185,4 +185,5 @@ async def test_the_consumer_waits_after_big_busy_batches(monkeypatch: pytest.Mon
     # Back to back from the second batch on: once the node has been writing long enough
     # it waits, after every batch.
     assert 0 < len(slept) < 12 and set(slept) == {0.005}
+    assert broker.node.metrics.inbox_waits.value == len(slept)  # chatd_inbox_paced_waits
     assert trims  # what was handed over is trimmed, waits or not
