@@ -152,11 +152,18 @@ def steps_table(result: ScenarioResult) -> str:
             "runnable but queued for a core)\n" + _table(_COSTS, costs))
 
 
+def first_at_each_rate(steps: list[StepResult]) -> dict[float, StepResult]:
+    """The stepped series: a rate run again later (half of saturation, or given twice
+    in --rates) keeps its first step here."""
+    first: dict[float, StepResult] = {}
+    for s in steps:
+        first.setdefault(s.offered, s)
+    return first
+
+
 def ratios(result: ScenarioResult) -> list[dict[str, Any]]:
     """chatd / each peer at equal offered load (steps both systems ran)."""
-    chatd: dict[float, StepResult] = {}
-    for s in result.steps.get("chatd", []):
-        chatd.setdefault(s.offered, s)  # the stepped series, not a repeat after it
+    chatd = first_at_each_rate(result.steps.get("chatd", []))
     out = []
     for system, steps in result.steps.items():
         if system == "chatd":
@@ -365,11 +372,8 @@ def write_chart(result: ScenarioResult, path: Path) -> str:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for system, steps in result.steps.items():
         label = SYSTEM_LABELS.get(system, system)
-        # A line through the first step at each rate; repeats of a rate (half of
-        # saturation, or one given twice in --rates) are points on it.
-        first: dict[float, StepResult] = {}
-        for s in steps:
-            first.setdefault(s.offered, s)
+        # A line through the stepped series; repeats of a rate are points off it.
+        first = first_at_each_rate(steps)
         line = sorted(first.values(), key=lambda s: s.offered)
         xs = [s.offered for s in line]
         (drawn,) = ax1.plot(xs, [s.delivered_rate for s in line], marker="o", label=label)
