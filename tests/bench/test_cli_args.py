@@ -23,6 +23,7 @@ from bench.scenarios import Options
     (["--slo-ms", "-1"], "--slo-ms must be a finite number above 0, not -1"),
     (["--drain", "-1"], "--drain must be a number of at least 0, not -1"),
     (["--receipts-ms", "-5"], "--receipts-ms must be a number of at least 0, not -5"),
+    (["--half-steps", "-1"], "--half-steps must be a number of at least 0, not -1"),
     (["--body-chars", "0"], "--body-chars must be a number of at least 1, not 0"),
     (["--warmup", "100"], "--warmup (100 s) must be shorter than --duration (6 s)"),
     (["--quick", "--warmup", "2"], "--warmup (2 s) must be shorter than --duration (1.5 s)"),
