@@ -33,6 +33,7 @@ from chatd.config import EmbeddedSettings
 from chatd.embedded import persistence_args
 
 LOOPBACK = "127.0.0.1"
+READY_LINE = b"chatd ready: "  # what chatd prints on stdout once it serves
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # Relaxed limits (documented config keys, see config.toml): the offered rate,
@@ -148,27 +149,36 @@ class Proc:
             raise BenchError(f"{self.name} exited with {self.popen.returncode}; log tail:\n"
                              f"{tail(self.log_path)}")
 
+    def tree(self) -> list[psutil.Process]:
+        """The process and its live descendants: a chatd with `--workers` serves
+        through its children."""
+        if self.ps is None or not self.running:
+            return []
+        try:
+            return [self.ps, *self.ps.children(recursive=True)]
+        except psutil.Error:
+            return []
+
     def cpu(self) -> float:
-        """CPU seconds so far (the last value seen once the process is gone)."""
-        if self.ps is not None and self.running:
+        """CPU seconds so far of the tree (the last value seen once it is gone)."""
+        procs = self.tree()
+        if procs:
             with contextlib.suppress(psutil.Error):
-                self.last_cpu = cpu_seconds(self.ps)
+                self.last_cpu = sum(cpu_seconds(p) for p in procs)
         return self.last_cpu
 
     def rss(self) -> int:
-        if self.ps is None or not self.running:
-            return 0
         try:
-            return int(self.ps.memory_info().rss)
+            return sum(int(p.memory_info().rss) for p in self.tree())
         except psutil.Error:
             return 0
 
     def files(self) -> tuple[int, int]:
-        """(open files, the soft limit on them): a connection is one file."""
-        if self.ps is None or not self.running:
-            return 0, 0
+        """(open files, the soft limit on them) of the process of the tree with the
+        most open: a connection is one file, and the limit is per process."""
         try:
-            return self.ps.num_fds(), self.ps.rlimit(psutil.RLIMIT_NOFILE)[0]
+            return max(((p.num_fds(), p.rlimit(psutil.RLIMIT_NOFILE)[0]) for p in self.tree()),
+                       default=(0, 0))
         except psutil.Error:
             return 0, 0
 
@@ -204,6 +214,16 @@ def _wait_http_ok(proc: Proc, url: str, timeout: float) -> None:
         time.sleep(0.05)
     raise BenchError(f"{proc.name} not ready at {url} within {timeout}s ({last}); log tail:\n"
                      f"{tail(proc.log_path)}")
+
+
+def _wait_log_line(proc: Proc, prefix: bytes, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(line.startswith(prefix) for line in proc.log_path.read_bytes().splitlines()):
+        proc.check_alive()
+        if time.monotonic() > deadline:
+            raise BenchError(f"{proc.name} did not print {prefix.decode()!r} within {timeout}s; "
+                             f"log tail:\n{tail(proc.log_path)}")
+        time.sleep(0.05)
 
 
 def _ping_valkey(port: int) -> bool:
@@ -297,10 +317,15 @@ class Stack:
         return proc
 
     def start_chatd(self, count: int, env: Mapping[str, str]) -> list[Node]:
-        return self._start_nodes("chatd", count, lambda port, node_id, data: [
+        nodes = self._start_nodes("chatd", count, lambda port, node_id, data: [
             sys.executable, "-m", "chatd", "--host", LOOPBACK, "--port", str(port),
             "--node-id", node_id, "--redis-url", self.redis_url, "--data-dir", str(data),
         ], env, "/readyz")
+        for node in nodes:
+            # /readyz answers once one worker listens (CHATD_SERVER__WORKERS); the
+            # printed line comes once all of them do.
+            _wait_log_line(node.proc, READY_LINE, timeout=30)
+        return nodes
 
     def start_sio(self, count: int) -> list[Node]:
         return self._start_nodes("sio", count, lambda port, node_id, data: [

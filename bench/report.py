@@ -271,16 +271,25 @@ def _idle_targets(s: dict[str, Any]) -> list[str]:
     if asked < IDLE_CONNS_TARGET:
         fit = (f": fewer than {IDLE_CONNS_TARGET:,} connections fit"
                if limit < IDLE_CONNS_TARGET else "")
-        workers = -(-IDLE_CONNS_TARGET // s["loadgen_files"]) if s.get("loadgen_files") else 1
+        loadgens = -(-IDLE_CONNS_TARGET // s["loadgen_files"]) if s.get("loadgen_files") else 1
         ask = f"--nodes 1 --conns {IDLE_CONNS_TARGET}" + (
-            f" --workers {workers}" if workers > 1 else "")
+            f" --workers {loadgens}" if loadgens > 1 else "")
         out.append(f"{head}not measured, this run held {held:,} per node (ask with {ask}); "
                    f"{files}{fit}")
     else:
         met = not failed and s["up_at_end"] == s["connections"]
         total = s.get("connections_asked", s["connections"])
-        out.append(f"{head}{held:,} per node, {s['up_at_end']:,} of {total:,} up at the end"
-                   f"{'; ' + files if failed else ''}: {'met' if met else 'NOT met'}")
+        up = f"{s['up_at_end']:,} of {total:,} up at the end"
+        per_node = s.get("workers_per_node", 1)
+        if per_node > 1:
+            # Each worker is a node of its own: the port holds the connections, no one
+            # process does, and the target names one.
+            out.append(f"{head}{held:,} on one port of a chatd with {per_node} workers (nodes); "
+                       f"{files}; {up}: "
+                       f"{'met by the port, NOT by one node process' if met else 'NOT met'}")
+        else:
+            out.append(f"{head}{held:,} per node, {up}{'; ' + files if failed else ''}: "
+                       f"{'met' if met else 'NOT met'}")
     return out
 
 

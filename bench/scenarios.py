@@ -43,6 +43,7 @@ from bench.report import ScenarioResult, StepResult
 from bench.stallprobe import StallProbe
 from bench.tracking import count_loss, merge_samples, percentile
 from chatd import config
+from chatd.workers import worker_count
 
 SCENARIOS = ("rooms", "direct", "fanout", "idle", "resume")
 PEER_SCENARIOS = ("rooms", "fanout")
@@ -175,7 +176,8 @@ def _machine_busy() -> float:
 def _sample(stack: Stack, pool: WorkerPool, with_status: bool = True) -> Sample:
     assert stack.valkey is not None
     status = pool.sum_status() if with_status else {}
-    pids = [n.proc.pid for n in stack.nodes] + [stack.valkey.pid] + [p.pid for p in pool.ps]
+    pids = ([p.pid for n in stack.nodes for p in n.proc.tree()] + [stack.valkey.pid]
+            + [p.pid for p in pool.ps])
     return Sample(time.time(), sum(n.proc.cpu() for n in stack.nodes), stack.valkey.cpu(),
                   pool.cpu(), _machine_busy(), sum(map(run_queue_wait_s, pids)),
                   cpu_seconds(_ME),
@@ -544,6 +546,8 @@ def run_idle(opts: Options) -> ScenarioResult:
         pings = max(1, d.status["pings"] - c.status["pings"])
         result.summary["chatd"] = {
             "connections_asked": len(specs), "connections": n, "nodes": opts.nodes,
+            "workers_per_node": worker_count(
+                config.load(env={**os.environ, **chatd_env(opts)}).server.workers),
             "up_at_end": status["up"], "not_connected": connects.failed,
             "not_connected_because": connects.first_error,
             "connect_s": round(connects.seconds, 2),
@@ -573,6 +577,10 @@ def run_idle(opts: Options) -> ScenarioResult:
                                      / max(1, full_gcs), 1),
             "full_gc_longest_under_s": max(longest for _, _, longest in collections),
         }
+        if result.summary["chatd"]["workers_per_node"] > 1:
+            result.notes.append("with workers, RSS and CPU are summed over the server's "
+                                "processes, open files are of the busiest one, and full_gcs "
+                                "are of the one worker that answered /metrics")
         result.notes.append("heartbeat cost = server CPU with idle connections minus the "
                             "same window without connections, per WebSocket ping "
                             "(as many as the clients received in the window)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -15,7 +16,7 @@ from chatd.appkeys import FANOUT, NODE, SETTINGS
 from chatd.broker import Broker
 from chatd.capacity import Sockets, cap_for
 from chatd.config import Settings, redact_url
-from chatd.embedded import EmbeddedValkey
+from chatd.embedded import embedded_for
 from chatd.errors import ChatError
 from chatd.fanout import Fanout
 from chatd.heartbeat import heartbeat_loop
@@ -53,12 +54,8 @@ async def _node_ctx(app: web.Application) -> AsyncIterator[None]:
     async with contextlib.AsyncExitStack() as stack:
         stack.callback(claim_data_dir(settings.data_path).close)
         url = settings.redis.url
-        embedded: EmbeddedValkey | None = None
-        if url == "embedded" and not settings.redis.cluster_nodes:
-            embedded = EmbeddedValkey(settings.data_path,
-                                      binary=settings.embedded.binary or None,
-                                      appendfsync=settings.embedded.appendfsync,
-                                      aof_rewrite_min_mb=settings.embedded.aof_rewrite_min_mb)
+        embedded = embedded_for(settings)
+        if embedded is not None:
             url = await embedded.start()
             stack.push_async_callback(embedded.stop)
         redis = await redisconn.connect(settings, url)
@@ -88,8 +85,10 @@ async def _node_ctx(app: web.Application) -> AsyncIterator[None]:
         await broker.join()
         node.add_loop(Loop("redis-probe", _probe(node), metrics, interval_s=_PROBE_INTERVAL_S))
         if embedded is not None:
-            node.add_loop(Loop("embedded-valkey", _supervise(embedded, settings), metrics,
-                               interval_s=_PROBE_INTERVAL_S))
+            node.add_loop(Loop("embedded-valkey",
+                               functools.partial(embedded.revive,
+                                                 settings.redis.startup_timeout_s),
+                               metrics, interval_s=_PROBE_INTERVAL_S))
         for loop in broker.loops():
             node.add_loop(loop)
         node.add_loop(heartbeat_loop(node, fanout))
@@ -133,19 +132,6 @@ def _fenced(node: Node, fanout: Fanout) -> Callable[[], Awaitable[None]]:
         await cleanup_node(node, node.node_id)
 
     return fenced
-
-
-def _supervise(embedded: EmbeddedValkey, settings: Settings) -> Callable[[], Awaitable[None]]:
-    """Start the embedded server again if it died under us (OOM killer, crash, kill -9):
-    same data dir and AOF, same unix socket, so the Redis clients reconnect by themselves
-    and the node becomes ready again without a restart. Loops stop before the server is
-    stopped at shutdown, so this never fights a deliberate stop."""
-    async def check() -> None:
-        if embedded.pid is None:
-            log.warning("embedded valkey exited; starting it again")
-            await embedded.start(timeout_s=settings.redis.startup_timeout_s)
-
-    return check
 
 
 def _probe(node: Node) -> Callable[[], Awaitable[None]]:

@@ -17,11 +17,11 @@ from aiohttp import web
 
 from chatd import config, listen, logs
 from chatd.app import create_app
+from chatd.config import EXIT_CONFIG
 from chatd.embedded import EmbeddedError
+from chatd.workers import supervise, worker_count
 
 log = logging.getLogger("chatd")
-
-EXIT_CONFIG = 2
 
 
 class _Parser(argparse.ArgumentParser):
@@ -39,6 +39,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--redis-url", help="'embedded' (default) or redis://, rediss://, unix:// URL")
     p.add_argument("--redis-cluster", help="HOST:PORT,... of a Redis/Valkey Cluster")
     p.add_argument("--data-dir", help="data directory (default ./data)")
+    p.add_argument("--workers", type=int,
+                   help="processes serving the port, each a node (default 1; 0 = one per core)")
+    # Set by the supervisor of server.workers > 1 (workers.py) for each worker it runs.
+    p.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -54,12 +58,13 @@ def settings_from(args: argparse.Namespace) -> config.Settings:
         "server.port": args.port,
         "server.node_id": args.node_id,
         "server.data_dir": args.data_dir,
+        "server.workers": args.workers,
         "redis.url": args.redis_url,
         "redis.cluster_nodes": cluster,
     })
 
 
-async def serve(settings: config.Settings) -> None:
+async def serve(settings: config.Settings, *, reuse_port: bool = False) -> None:
     # Before the app starts: a node sizes its connection cap from this limit (capacity.py).
     max_open_files = listen.raise_open_files_limit()
     # aiohttp's keep-alive timer also runs from connect (aiohttp >= 3.14.4) and is not
@@ -78,7 +83,7 @@ async def serve(settings: config.Settings) -> None:
         await runner.setup()
         try:
             for sock in listen.bind(settings.server.host, settings.server.port,
-                                    settings.server.send_timeout_s):
+                                    settings.server.send_timeout_s, reuse_port=reuse_port):
                 await web.SockSite(runner, sock).start()
         except OSError as e:
             raise config.ConfigError(
@@ -88,13 +93,11 @@ async def serve(settings: config.Settings) -> None:
         # process: moving it out of the collector's reach makes each full
         # collection, a pause of the whole event loop, scan only what traffic made.
         gc.freeze()
-        host = settings.server.host
-        shown = f"[{host}]" if ":" in host else host
+        url = listen.http_url(settings.server.host, settings.server.port)
         # Each connection takes one file: the figure that bounds the node's connections.
-        log.info("chatd ready", extra={"url": f"http://{shown}:{settings.server.port}/",
-                                       "max_open_files": max_open_files})
+        log.info("chatd ready", extra={"url": url, "max_open_files": max_open_files})
         # stdout, so that stderr stays JSON lines for log collectors.
-        print(f"chatd ready: web client on http://{shown}:{settings.server.port}/", flush=True)
+        print(f"chatd ready: web client on {url}", flush=True)
         await stop.wait()
         log.info("draining")
     finally:
@@ -102,6 +105,8 @@ async def serve(settings: config.Settings) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
     args = parse_args(argv)
     try:
         settings = settings_from(args)
@@ -115,12 +120,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         runner = asyncio.run
     else:
         runner = uvloop.run
+    count = worker_count(settings.server.workers)
     try:
-        runner(serve(settings))
+        if args.worker is None and count > 1:
+            code = runner(supervise(settings, count, argv))
+        else:
+            code = runner(serve(settings, reuse_port=args.worker is not None)) or 0
     except (config.ConfigError, EmbeddedError) as e:
         print(f"chatd: {e}", file=sys.stderr)
         return EXIT_CONFIG
     except KeyboardInterrupt:  # a second Ctrl-C during the drain
         return 130
     log.info("stopped")
-    return 0
+    return code

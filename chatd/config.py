@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 ENV_PREFIX = "CHATD_"
+EXIT_CONFIG = 2  # the exit code of every configuration error
 
 
 class ConfigError(Exception):
@@ -37,6 +38,7 @@ class ServerSettings:
     port: int = _opt(8080, lo=1, hi=65535)
     node_id: str = _opt("")
     data_dir: str = _opt("./data")
+    workers: int = _opt(1, lo=0, hi=256)
     shutdown_timeout_s: float = _opt(10.0, lo=0.1, hi=3600)
     max_http_body_bytes: int = _opt(65536, lo=1024, hi=16 * 1024 * 1024)
     request_timeout_s: float = _opt(10.0, lo=0.1, hi=3600)

@@ -40,6 +40,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import BusyLoadingError, RedisError
 
+from chatd.config import Settings
+
 log = logging.getLogger("chatd.embedded")
 
 APPENDFSYNC_MODES = ("always", "everysec", "no")
@@ -121,7 +123,8 @@ def _private_dir(path: pathlib.Path) -> None:
     path.chmod(0o700)  # mkdir's mode is filtered by the umask and ignored for existing dirs
 
 
-def _pdeathsig_preexec() -> Callable[[], None] | None:
+def pdeathsig_preexec() -> Callable[[], None] | None:
+    """A `preexec_fn` that has the child sent SIGTERM when this process dies (Linux)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
@@ -182,6 +185,15 @@ async def _wait_gone(pid: int, timeout_s: float) -> bool:
     return True
 
 
+def embedded_for(settings: Settings) -> EmbeddedValkey | None:
+    """The server to run when no Redis is configured; None when one is."""
+    if settings.redis.url != "embedded" or settings.redis.cluster_nodes:
+        return None
+    return EmbeddedValkey(settings.data_path, binary=settings.embedded.binary or None,
+                          appendfsync=settings.embedded.appendfsync,
+                          aof_rewrite_min_mb=settings.embedded.aof_rewrite_min_mb)
+
+
 class EmbeddedValkey:
     """One private valkey-server for one chatd data directory."""
 
@@ -235,7 +247,7 @@ class EmbeddedValkey:
             proc = await asyncio.create_subprocess_exec(
                 self._binary, *args, stdin=asyncio.subprocess.DEVNULL, stdout=log_fh,
                 stderr=log_fh, cwd=self._dir, start_new_session=True,
-                preexec_fn=_pdeathsig_preexec())
+                preexec_fn=pdeathsig_preexec())
         try:
             self._write_pid_file(proc.pid)
             await self._wait_ready(proc, timeout_s)
@@ -248,6 +260,14 @@ class EmbeddedValkey:
             "pid": proc.pid, "binary": self._binary, "socket": str(self._socket),
             "dir": str(self._dir)})
         return self.url
+
+    async def revive(self, timeout_s: float) -> None:
+        """Start the server again if it died under us (OOM killer, crash, kill -9): same
+        data dir and AOF, same unix socket, so Redis clients reconnect by themselves.
+        Callers stop calling this before `stop()`, so it never fights a deliberate stop."""
+        if self.pid is None:
+            log.warning("embedded valkey exited; starting it again")
+            await self.start(timeout_s=timeout_s)
 
     async def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM the server (Valkey fsyncs the AOF on SIGTERM); SIGKILL after timeout_s."""

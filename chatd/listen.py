@@ -29,8 +29,18 @@ def raise_open_files_limit() -> int:
     return hard
 
 
-def bind(host: str, port: int, send_timeout_s: float) -> list[socket.socket]:
-    """One socket per address `host` resolves to (OSError when one cannot be bound)."""
+def http_url(host: str, port: int) -> str:
+    """Where the server answers, as a browser takes it."""
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}/"
+
+
+def bind(host: str, port: int, send_timeout_s: float, *,
+         reuse_port: bool = False) -> list[socket.socket]:
+    """One socket per address `host` resolves to (OSError when one cannot be bound).
+
+    With `reuse_port` the sockets join those other processes bound to the same
+    address with it, and the kernel spreads new connections over them (workers.py)."""
     infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
                                flags=socket.AI_PASSIVE)
     sockets: list[socket.socket] = []
@@ -40,6 +50,8 @@ def bind(host: str, port: int, send_timeout_s: float) -> list[socket.socket]:
             sock = socket.socket(family, kind, proto)
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:  # "::" must not also take the IPv4 port
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             if hasattr(socket, "TCP_USER_TIMEOUT"):  # Linux

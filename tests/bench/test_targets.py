@@ -139,3 +139,15 @@ def test_idle_connections_are_counted_per_node_and_must_all_stay_up() -> None:
     assert targets(dropped)[1].startswith(
         "idle connections on one node (50,000): 50,000 per node, 49,999 of 50,000 up at the "
         "end: NOT met")
+
+
+def test_idle_over_workers_is_met_by_the_port_not_by_one_node() -> None:
+    """Each worker is a node: 50,000 over three of them is not 50,000 on one node."""
+    workers = idle(connections=50_000, up_at_end=50_000, workers_per_node=3,
+                   node_open_files=16_921)
+    assert targets(workers)[1] == (
+        "idle connections on one node (50,000): 50,000 on one port of a chatd with 3 workers "
+        "(nodes); a node here may open 20,000 files, one per connection, and the busiest had "
+        "16,921 open; 50,000 of 50,000 up at the end: met by the port, NOT by one node process")
+    one_down = idle(connections=50_000, up_at_end=49_999, workers_per_node=3)
+    assert targets(one_down)[1].endswith(": NOT met")

@@ -1,0 +1,186 @@
+"""Several processes on one address and port (`server.workers`).
+
+One process uses one core and holds at most its open-files limit of connections.
+With more than one worker the `chatd` process supervises instead of serving: it
+holds the data dir, runs the embedded Valkey when no Redis is configured, and runs
+each worker as `python -m chatd <the same flags> --worker N`. A worker is a whole
+node (node id `<node_id>-N`, or one generated and kept in `<data_dir>/worker-N`;
+its own inboxes and connection cap) whose listening socket joins the others' on
+the port with SO_REUSEPORT, so the kernel spreads new connections over them.
+
+A worker that dies is started again after a pause; meanwhile its clients reconnect
+to the others and resume. A worker that exits with a configuration error stops the
+server with that code: the first worker starts alone, so a setting that every
+worker would reject is reported once. SIGTERM and SIGINT drain every worker at
+once, then stop Valkey.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+
+from chatd import listen
+from chatd.config import EXIT_CONFIG, ConfigError, Settings
+from chatd.embedded import EmbeddedError, EmbeddedValkey, embedded_for, pdeathsig_preexec
+from chatd.node import claim_data_dir
+
+log = logging.getLogger("chatd.workers")
+
+RESTART_PAUSE_S = 1.0
+STOP_GRACE_S = 5.0  # past shutdown_timeout_s, before a draining worker is killed
+_POLL_S = 0.5
+_READY_LINE = b"chatd ready"  # what a worker prints once it listens (cli.serve)
+
+
+def worker_count(configured: int) -> int:
+    """`server.workers`, 0 meaning one per CPU this process may run on."""
+    if configured:
+        return configured
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def worker_flags(settings: Settings, index: int) -> list[str]:
+    """What makes worker `index` a node of its own: after the server's own flags, these win."""
+    flags = ["--worker", str(index), "--data-dir", str(settings.data_path / f"worker-{index}")]
+    if settings.server.node_id:
+        flags += ["--node-id", f"{settings.server.node_id}-{index}"]
+    return flags
+
+
+class Worker:
+    """One worker process, started again as often as it dies."""
+
+    def __init__(self, index: int, argv: list[str]) -> None:
+        self.index = index
+        self.argv = argv
+        self.proc: asyncio.subprocess.Process | None = None
+        self.ready = asyncio.Event()
+        self.died_at: float | None = None
+        self._stdout: asyncio.Task[None] | None = None
+
+    @property
+    def exit_code(self) -> int | None:
+        return None if self.proc is None else self.proc.returncode
+
+    async def start(self) -> None:
+        self.ready = asyncio.Event()
+        self.died_at = None
+        # stderr (the logs) is shared; stdout only carries the ready line.
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            preexec_fn=pdeathsig_preexec())
+        self._stdout = asyncio.create_task(self._read_stdout(self.proc.stdout))
+        log.info("worker started", extra={"worker": self.index, "pid": self.proc.pid})
+
+    async def _read_stdout(self, stream: asyncio.StreamReader | None) -> None:
+        assert stream is not None
+        async for line in stream:
+            if line.startswith(_READY_LINE):
+                self.ready.set()
+
+    async def until_ready(self, stop: asyncio.Event) -> bool:
+        """Wait until the worker listens (True), exits or the server stops (False)."""
+        assert self.proc is not None
+        waits = [asyncio.ensure_future(w) for w in (self.ready.wait(), self.proc.wait(),
+                                                    stop.wait())]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        return self.ready.is_set() and self.exit_code is None
+
+    async def stop(self, timeout_s: float) -> None:
+        """SIGTERM (the worker drains), SIGKILL after `timeout_s`."""
+        proc = self.proc
+        if proc is not None and proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), timeout_s)
+            except TimeoutError:
+                log.warning("worker did not drain in time; killed", extra={"worker": self.index})
+                proc.kill()
+                await proc.wait()
+        if self._stdout is not None:
+            await self._stdout
+
+
+async def supervise(settings: Settings, count: int, argv: Sequence[str]) -> int:
+    """Run `count` workers until SIGTERM or SIGINT; the exit code."""
+    if not sys.platform.startswith("linux"):
+        raise ConfigError("server.workers: more than 1 needs Linux (SO_REUSEPORT spreading "
+                          "connections); run one chatd per port instead")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with contextlib.AsyncExitStack() as stack:
+        stack.callback(claim_data_dir(settings.data_path).close)
+        common = [sys.executable, "-m", "chatd", *argv]
+        embedded = embedded_for(settings)
+        if embedded is not None:
+            url = await embedded.start(timeout_s=settings.redis.startup_timeout_s)
+            stack.push_async_callback(embedded.stop)
+            common += ["--redis-url", url]
+        workers = [Worker(i, [*common, *worker_flags(settings, i)]) for i in range(count)]
+        stack.push_async_callback(_stop_all, workers,
+                                  settings.server.shutdown_timeout_s + STOP_GRACE_S)
+        for group in (workers[:1], workers[1:]):
+            for worker in group:
+                await worker.start()
+            started = await asyncio.gather(*(w.until_ready(stop) for w in group))
+            if stop.is_set():
+                return 0
+            if not all(started):
+                codes = [w.exit_code for w in group]
+                return EXIT_CONFIG if EXIT_CONFIG in codes else 1
+        url = listen.http_url(settings.server.host, settings.server.port)
+        log.info("chatd ready", extra={"url": url, "workers": count})
+        print(f"chatd ready: web client on {url} ({count} workers)", flush=True)
+        code = await _watch(workers, embedded, stop, settings)
+        log.info("draining")
+        return code
+
+
+async def _watch(workers: list[Worker], embedded: EmbeddedValkey | None, stop: asyncio.Event,
+                 settings: Settings) -> int:
+    """Restart what dies until `stop`; EXIT_CONFIG when a worker exits with it."""
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), _POLL_S)
+        if stop.is_set():
+            break
+        if embedded is not None:
+            try:
+                await embedded.revive(settings.redis.startup_timeout_s)
+            except (EmbeddedError, OSError) as e:
+                log.warning("embedded valkey did not start again", extra={"error": str(e)})
+        now = time.monotonic()
+        for worker in workers:
+            code = worker.exit_code
+            if code is None:
+                continue
+            if code == EXIT_CONFIG:
+                log.error("worker stopped on a configuration error",
+                          extra={"worker": worker.index})
+                return EXIT_CONFIG
+            if worker.died_at is None:
+                worker.died_at = now
+                log.warning("worker exited; starting it again",
+                            extra={"worker": worker.index, "code": code})
+            elif now - worker.died_at >= RESTART_PAUSE_S:
+                await worker.start()
+    return 0
+
+
+async def _stop_all(workers: list[Worker], timeout_s: float) -> None:
+    await asyncio.gather(*(w.stop(timeout_s) for w in workers))

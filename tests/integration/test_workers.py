@@ -1,0 +1,205 @@
+"""`server.workers`: several chatd processes on one port, supervised by the `chatd` process.
+
+Real processes throughout: the supervisor with its embedded Valkey, its workers, and
+WebSocket clients that the kernel spreads over the workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import psutil
+import pytest
+
+from tests.client import FAST_ENV, Api, User, Ws, connect
+from tests.harness import free_port, release_port
+from tests.integration.cli_process import (
+    SHUTDOWN_S,
+    Chatd,
+    alive,
+    json_record,
+    run_cli,
+    valkey_pids_for,
+)
+
+WORKERS = 2
+FILES = 128  # open files per process in the test that needs more connections than that
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s:
+        yield s
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Chatd]:
+    port = free_port()
+    chatd = Chatd(tmp_path, tmp_path / "data", port,
+                  {**FAST_ENV, "CHATD_SERVER__SHUTDOWN_TIMEOUT_S": str(SHUTDOWN_S),
+                   "CHATD_SERVER__WORKERS": str(WORKERS)})
+    try:
+        yield chatd
+    finally:
+        for pid in worker_pids(chatd):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        chatd.cleanup()
+        release_port(port)
+
+
+def worker_pids(chatd: Chatd) -> dict[int, int]:
+    """Worker index -> pid, of the live workers of the server."""
+    if chatd.proc is None or chatd.proc.poll() is not None:
+        return {}
+    found = {}
+    for child in psutil.Process(chatd.proc.pid).children():
+        with contextlib.suppress(psutil.Error):
+            argv = child.cmdline()
+            if "--worker" in argv and child.status() != psutil.STATUS_ZOMBIE:
+                found[int(argv[argv.index("--worker") + 1])] = child.pid
+    return found
+
+
+async def node_ids(chatd: Chatd, session: aiohttp.ClientSession, count: int) -> set[str]:
+    """The node ids /readyz answers with, once `count` differ (each request is a new
+    connection, which the kernel gives to any worker)."""
+    seen: set[str] = set()
+    deadline = time.monotonic() + 20
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True),
+                                     timeout=session.timeout) as fresh:
+        while len(seen) < count:
+            assert time.monotonic() < deadline, f"only {seen} answer:\n{chatd.stderr()}"
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                async with fresh.get(chatd.url + "/readyz") as resp:
+                    if resp.status == 200:
+                        seen.add((await resp.json())["node_id"])
+            await asyncio.sleep(0.02)
+    return seen
+
+
+async def connect_on_another_node(session: aiohttp.ClientSession, ws_url: str, user: User,
+                                  not_on: str) -> Ws:
+    for _ in range(100):
+        ws = await connect(session, ws_url, user)
+        if ws.of_type("welcome")[0]["node_id"] != not_on:
+            return ws
+        await ws.close()
+    raise AssertionError(f"every connection landed on {not_on}")
+
+
+async def test_workers_are_nodes_of_their_own_on_one_port_and_drain_together(
+        server: Chatd, session: aiohttp.ClientSession) -> None:
+    await server.start(session)
+    ids = await node_ids(server, session, WORKERS)
+    for i in range(WORKERS):  # generated once, kept per worker
+        assert (server.data_dir / f"worker-{i}" / "node_id").read_text().strip() in ids
+    api = Api(session, server.url)
+    alice, bob = await api.register(), await api.register()
+    room = await api.direct(alice, bob)
+    ws_url = server.url.replace("http://", "ws://", 1) + "/ws"
+    sender = await connect(session, ws_url, alice)
+    sender_node = sender.of_type("welcome")[0]["node_id"]
+    receiver = await connect_on_another_node(session, ws_url, bob, not_on=sender_node)
+    ack = await sender.send_message(room, "across workers")
+    assert ack["type"] == "ack", ack
+    [got] = await receiver.wait_messages(room, 1)
+    assert (got["body"], got["seq"]) == ("across workers", ack["seq"])
+
+    workers, valkey_pid = worker_pids(server), server.valkey_pid()
+    assert sorted(workers) == list(range(WORKERS))
+    t0 = time.monotonic()
+    server.signal(signal.SIGTERM)
+    assert await receiver.wait_closed() == 1001  # drained: going away
+    assert await server.wait_exit(SHUTDOWN_S + 5) == 0, server.stderr()
+    assert time.monotonic() - t0 < SHUTDOWN_S
+    assert not any(alive(pid) for pid in [*workers.values(), valkey_pid])
+    assert valkey_pids_for(server.data_dir) == set()
+    assert "Traceback" not in server.stderr()
+    await sender.close()
+
+
+async def test_a_worker_that_dies_is_started_again_under_its_node_id(
+        server: Chatd, session: aiohttp.ClientSession) -> None:
+    await server.start(session)
+    ids = await node_ids(server, session, WORKERS)
+    victim = worker_pids(server)[0]
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while worker_pids(server).get(0) in (None, victim):
+        assert time.monotonic() < deadline, server.stderr()
+        await asyncio.sleep(0.1)
+    assert await node_ids(server, session, WORKERS) == ids
+    api = Api(session, server.url)
+    alice, bob = await api.register(), await api.register()
+    room = await api.direct(alice, bob)
+    ws_url = server.url.replace("http://", "ws://", 1) + "/ws"
+    sender, receiver = await connect(session, ws_url, alice), await connect(session, ws_url, bob)
+    ack = await sender.send_message(room, "after the restart")
+    assert [m["seq"] for m in await receiver.wait_messages(room, 1)] == [ack["seq"]]
+    for ws in (sender, receiver):
+        await ws.close()
+    server.signal(signal.SIGTERM)
+    assert await server.wait_exit(SHUTDOWN_S + 5) == 0, server.stderr()
+
+
+async def test_workers_hold_more_connections_than_one_process_may_open(
+        server: Chatd, session: aiohttp.ClientSession) -> None:
+    """What workers are for beyond cores: each process caps itself under its own
+    open-files limit (capacity.py), and the port holds the sum."""
+    prlimit = shutil.which("prlimit")
+    if prlimit is None:
+        pytest.skip("prlimit (util-linux) is not installed")
+    server.wrapper = [prlimit, f"--nofile={FILES}:{FILES}"]
+    server.env["CHATD_SERVER__WORKERS"] = "3"
+    server.env["CHATD_LIMITS__MAX_CONNECTIONS_PER_USER"] = "1000"
+    await server.start(session)
+    await node_ids(server, session, 3)
+    api = Api(session, server.url)
+    alice, bob = await api.register(), await api.register()
+    room = await api.direct(alice, bob)
+    ws_url = server.url.replace("http://", "ws://", 1) + "/ws"
+    sender = await connect(session, ws_url, alice)
+    wanted = FILES + FILES // 2
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as crowd:
+        held = [await connect(crowd, ws_url, bob) for _ in range(wanted)]
+        nodes = {ws.of_type("welcome")[0]["node_id"] for ws in held}
+        assert len(nodes) == 3, nodes
+        for pid in worker_pids(server).values():
+            assert psutil.Process(pid).num_fds() <= FILES
+        ack = await sender.send_message(room, "to every one of them")
+        for ws in held:
+            assert [m["seq"] for m in await ws.wait_messages(room, 1)] == [ack["seq"]]
+        for ws in held:
+            await ws.close()
+    await sender.close()
+    server.signal(signal.SIGTERM)
+    assert await server.wait_exit(SHUTDOWN_S + 5) == 0, server.stderr()
+
+
+def test_a_port_in_use_stops_the_server_with_one_line(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        res = run_cli(["--port", str(port), "--data-dir", str(data_dir)], tmp_path,
+                      {"CHATD_SERVER__WORKERS": str(WORKERS),
+                       "CHATD_SERVER__SHUTDOWN_TIMEOUT_S": str(SHUTDOWN_S)},
+                      timeout=SHUTDOWN_S + 20)
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr
+    # The first worker starts alone: one line names the problem, not one per worker.
+    problems = [line for line in res.stderr.splitlines()
+                if line.strip() and json_record(line) is None]
+    assert problems == [f"chatd: cannot listen on 127.0.0.1:{port}: Address already in use"]
+    assert valkey_pids_for(data_dir) == set()

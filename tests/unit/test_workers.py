@@ -1,0 +1,34 @@
+"""How many workers `server.workers` means, and what makes each a node of its own."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from chatd import cli
+from chatd.workers import worker_count, worker_flags
+
+
+def test_zero_workers_is_one_per_cpu_this_process_may_run_on() -> None:
+    assert worker_count(0) == len(os.sched_getaffinity(0))
+    assert worker_count(3) == 3
+
+
+def test_each_worker_has_its_own_data_dir_and_node_id() -> None:
+    settings = cli.settings_from(cli.parse_args(["--data-dir", "/srv/chat", "--node-id", "eu1"]))
+    flags = [worker_flags(settings, i) for i in range(2)]
+    assert flags == [
+        ["--worker", "0", "--data-dir", "/srv/chat/worker-0", "--node-id", "eu1-0"],
+        ["--worker", "1", "--data-dir", "/srv/chat/worker-1", "--node-id", "eu1-1"],
+    ]
+    # Flags given last win: the worker's own, after the server's.
+    args = cli.parse_args(["--data-dir", "/srv/chat", "--node-id", "eu1", *flags[1]])
+    assert (args.worker, args.data_dir, args.node_id) == (1, "/srv/chat/worker-1", "eu1-1")
+
+
+def test_a_generated_node_id_is_left_to_each_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CHATD_SERVER__NODE_ID", raising=False)
+    settings = cli.settings_from(cli.parse_args(["--data-dir", "d"]))
+    assert worker_flags(settings, 0) == ["--worker", "0", "--data-dir", str(Path("d/worker-0"))]
