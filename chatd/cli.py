@@ -15,7 +15,7 @@ from typing import NoReturn
 
 from aiohttp import web
 
-from chatd import config, listen, logs
+from chatd import config, listen, logs, ops
 from chatd.app import create_app
 from chatd.config import EXIT_CONFIG
 from chatd.embedded import EmbeddedError
@@ -64,7 +64,9 @@ def settings_from(args: argparse.Namespace) -> config.Settings:
     })
 
 
-async def serve(settings: config.Settings, *, reuse_port: bool = False) -> None:
+async def serve(settings: config.Settings, *, worker: int | None = None) -> None:
+    """Serve until SIGTERM or SIGINT, then drain; as worker `worker` of a supervisor
+    (workers.py) when given: on a port shared with the other workers."""
     # Before the app starts: a node sizes its connection cap from this limit (capacity.py).
     max_open_files = listen.raise_open_files_limit()
     # aiohttp's keep-alive timer also runs from connect (aiohttp >= 3.14.4) and is not
@@ -72,23 +74,25 @@ async def serve(settings: config.Settings, *, reuse_port: bool = False) -> None:
     # headers, holds its socket at most this long. Lingering is how long aiohttp reads
     # the unread rest of a body after answering, before it closes.
     request_timeout = settings.server.request_timeout_s
-    runner = web.AppRunner(create_app(settings), handle_signals=False,
+    app = create_app(settings)
+    runner = web.AppRunner(app, handle_signals=False,
                            shutdown_timeout=settings.server.shutdown_timeout_s,
                            keepalive_timeout=request_timeout, lingering_time=request_timeout)
+    ops_runner = None
+    if settings.server.ops_port:
+        ops_runner = web.AppRunner(ops.ops_app(app), handle_signals=False,
+                                   keepalive_timeout=request_timeout)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
         await runner.setup()
-        try:
-            for sock in listen.bind(settings.server.host, settings.server.port,
-                                    settings.server.send_timeout_s, reuse_port=reuse_port):
-                await web.SockSite(runner, sock).start()
-        except OSError as e:
-            raise config.ConfigError(
-                f"cannot listen on {settings.server.host}:{settings.server.port}: "
-                f"{e.strerror}") from None
+        await _listen(runner, settings, settings.server.port, reuse_port=worker is not None)
+        if ops_runner is not None:
+            await ops_runner.setup()
+            await _listen(ops_runner, settings, settings.server.ops_port + (worker or 0),
+                          reuse_port=False)
         # Everything allocated so far (modules, app, scripts) lives as long as the
         # process: moving it out of the collector's reach makes each full
         # collection, a pause of the whole event loop, scan only what traffic made.
@@ -102,6 +106,19 @@ async def serve(settings: config.Settings, *, reuse_port: bool = False) -> None:
         log.info("draining")
     finally:
         await runner.cleanup()
+        if ops_runner is not None:  # last: /readyz says "draining" until the drain is done
+            await ops_runner.cleanup()
+
+
+async def _listen(runner: web.AppRunner, settings: config.Settings, port: int, *,
+                  reuse_port: bool) -> None:
+    host = settings.server.host
+    try:
+        for sock in listen.bind(host, port, settings.server.send_timeout_s,
+                                reuse_port=reuse_port):
+            await web.SockSite(runner, sock).start()
+    except OSError as e:
+        raise config.ConfigError(f"cannot listen on {host}:{port}: {e.strerror}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -125,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.worker is None and count > 1:
             code = runner(supervise(settings, count, argv))
         else:
-            code = runner(serve(settings, reuse_port=args.worker is not None)) or 0
+            code = runner(serve(settings, worker=args.worker)) or 0
     except (config.ConfigError, EmbeddedError) as e:
         print(f"chatd: {e}", file=sys.stderr)
         return EXIT_CONFIG

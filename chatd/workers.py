@@ -119,6 +119,10 @@ async def supervise(settings: Settings, count: int, argv: Sequence[str]) -> int:
     if not sys.platform.startswith("linux"):
         raise ConfigError("server.workers: more than 1 needs Linux (SO_REUSEPORT spreading "
                           "connections); run one chatd per port instead")
+    ops_port = settings.server.ops_port
+    if ops_port and ops_port + count - 1 > 65535:
+        raise ConfigError(f"server.ops_port: {count} workers take ports {ops_port} to "
+                          f"{ops_port + count - 1}, past 65535")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

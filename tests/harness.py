@@ -142,6 +142,23 @@ def free_port() -> int:
     raise HarnessError("could not find a free port")
 
 
+def free_port_run(count: int) -> int:
+    """The first of `count` consecutive free ports, each reserved until released. They
+    lie below the kernel's ephemeral range, so no outgoing connection takes one meanwhile."""
+    hi = _ephemeral_low() - count
+    for _ in range(200):
+        base = _rng.randint(min(20000, hi - 1000), hi)
+        taken: list[int] = []
+        for port in range(base, base + count):
+            if not (_bindable(port) and _try_reserve(port)):
+                break
+            taken.append(port)
+        else:
+            return base
+        release_port(*taken)
+    raise HarnessError(f"could not find {count} consecutive free ports")
+
+
 def _ephemeral_low() -> int:
     try:
         text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()

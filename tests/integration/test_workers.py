@@ -20,8 +20,8 @@ import aiohttp
 import psutil
 import pytest
 
-from tests.client import FAST_ENV, Api, User, Ws, connect
-from tests.harness import free_port, release_port
+from tests.client import FAST_ENV, Api, User, Ws, connect, metric
+from tests.harness import free_port, free_port_run, release_port
 from tests.integration.cli_process import (
     SHUTDOWN_S,
     Chatd,
@@ -50,7 +50,7 @@ def server(tmp_path: Path) -> Iterator[Chatd]:
     try:
         yield chatd
     finally:
-        for pid in worker_pids(chatd):
+        for pid in worker_pids(chatd).values():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         chatd.cleanup()
@@ -85,6 +85,19 @@ async def node_ids(chatd: Chatd, session: aiohttp.ClientSession, count: int) -> 
                         seen.add((await resp.json())["node_id"])
             await asyncio.sleep(0.02)
     return seen
+
+
+async def ready_node_id(session: aiohttp.ClientSession, url: str) -> str:
+    """/readyz of one node, once it answers 200 (it listens on its ops port just after
+    the shared one)."""
+    deadline = time.monotonic() + 20
+    while True:
+        with contextlib.suppress(aiohttp.ClientError):
+            async with session.get(url + "/readyz") as resp:
+                if resp.status == 200:
+                    return str((await resp.json())["node_id"])
+        assert time.monotonic() < deadline, f"{url} not ready"
+        await asyncio.sleep(0.05)
 
 
 async def connect_on_another_node(session: aiohttp.ClientSession, ws_url: str, user: User,
@@ -184,6 +197,41 @@ async def test_workers_hold_more_connections_than_one_process_may_open(
     await sender.close()
     server.signal(signal.SIGTERM)
     assert await server.wait_exit(SHUTDOWN_S + 5) == 0, server.stderr()
+
+
+async def test_each_worker_answers_on_an_ops_port_of_its_own(
+        server: Chatd, session: aiohttp.ClientSession) -> None:
+    """Behind the shared port a request reaches any worker; a monitor needs each."""
+    base = free_port_run(WORKERS)
+    try:
+        server.env["CHATD_SERVER__OPS_PORT"] = str(base)
+        await server.start(session)
+        await node_ids(server, session, WORKERS)  # both listen on the shared port
+        ops = [f"http://127.0.0.1:{base + i}" for i in range(WORKERS)]
+        for i, url in enumerate(ops):
+            node_id = await ready_node_id(session, url)
+            assert node_id == (server.data_dir / f"worker-{i}" / "node_id").read_text().strip()
+            async with session.get(url + "/api/me") as resp:
+                assert resp.status == 404  # nothing but the ops endpoints there
+        user = await Api(session, server.url).register()
+        ws = await connect(session, server.url.replace("http://", "ws://", 1) + "/ws", user)
+        on = next(i for i in range(WORKERS) if
+                  (server.data_dir / f"worker-{i}" / "node_id").read_text().strip()
+                  == ws.of_type("welcome")[0]["node_id"])
+        counts = [await metric(session, url, "chatd_connections") for url in ops]
+        assert counts == [1.0 if i == on else 0.0 for i in range(WORKERS)]
+        await ws.close()
+        server.signal(signal.SIGTERM)
+        assert await server.wait_exit(SHUTDOWN_S + 5) == 0, server.stderr()
+    finally:
+        release_port(*range(base, base + WORKERS))
+
+
+def test_ops_ports_past_65535_are_refused_with_one_line(tmp_path: Path) -> None:
+    res = run_cli([], tmp_path, {"CHATD_SERVER__WORKERS": "2", "CHATD_SERVER__OPS_PORT": "65535"})
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.strip() == ("chatd: server.ops_port: 2 workers take ports 65535 to "
+                                  "65536, past 65535")
 
 
 def test_a_port_in_use_stops_the_server_with_one_line(tmp_path: Path) -> None:
