@@ -8,11 +8,11 @@ node (node id `<node_id>-N`, or one generated and kept in `<data_dir>/worker-N`;
 its own inboxes and connection cap) whose listening socket joins the others' on
 the port with SO_REUSEPORT, so the kernel spreads new connections over them.
 
-A worker that dies is started again after a pause; meanwhile its clients reconnect
-to the others and resume. A worker that exits with a configuration error stops the
-server with that code: the first worker starts alone, so a setting that every
-worker would reject is reported once. SIGTERM and SIGINT drain every worker at
-once, then stop Valkey.
+A worker that fails to start stops the server with its exit code (2 for a bad
+setting); the first starts alone, so a setting that every worker would reject is
+reported once. Once all are up, a worker that dies is started again after a pause,
+whatever its exit code; meanwhile its clients reconnect to the others and resume.
+SIGTERM and SIGINT drain every worker at once, then stop Valkey.
 """
 
 from __future__ import annotations
@@ -150,14 +150,16 @@ async def supervise(settings: Settings, count: int, argv: Sequence[str]) -> int:
         url = listen.http_url(settings.server.host, settings.server.port)
         log.info("chatd ready", extra={"url": url, "workers": count})
         print(f"chatd ready: web client on {url} ({count} workers)", flush=True)
-        code = await _watch(workers, embedded, stop, settings)
+        await _watch(workers, embedded, stop, settings)
         log.info("draining")
-        return code
+        return 0
 
 
 async def _watch(workers: list[Worker], embedded: EmbeddedValkey | None, stop: asyncio.Event,
-                 settings: Settings) -> int:
-    """Restart what dies until `stop`; EXIT_CONFIG when a worker exits with it."""
+                 settings: Settings) -> None:
+    """Start again whatever dies, until `stop`. Once the server is up a worker's exit
+    code is no reason to stop the others: even a restart that fails on a setting
+    (Redis unreachable, exit 2) is retried, while they serve."""
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), _POLL_S)
@@ -173,17 +175,12 @@ async def _watch(workers: list[Worker], embedded: EmbeddedValkey | None, stop: a
             code = worker.exit_code
             if code is None:
                 continue
-            if code == EXIT_CONFIG:
-                log.error("worker stopped on a configuration error",
-                          extra={"worker": worker.index})
-                return EXIT_CONFIG
             if worker.died_at is None:
                 worker.died_at = now
                 log.warning("worker exited; starting it again",
                             extra={"worker": worker.index, "code": code})
             elif now - worker.died_at >= RESTART_PAUSE_S:
                 await worker.start()
-    return 0
 
 
 async def _stop_all(workers: list[Worker], timeout_s: float) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import shutil
 import signal
@@ -20,6 +21,7 @@ import aiohttp
 import psutil
 import pytest
 
+from chatd.workers import RESTART_PAUSE_S
 from tests.client import FAST_ENV, Api, User, Ws, connect, metric
 from tests.harness import free_port, free_port_run, release_port
 from tests.integration.cli_process import (
@@ -146,7 +148,15 @@ async def test_a_worker_that_dies_is_started_again_under_its_node_id(
     await server.start(session)
     ids = await node_ids(server, session, WORKERS)
     victim = worker_pids(server)[0]
-    os.kill(victim, signal.SIGKILL)
+    # Its data dir held by someone else for a while: restarts fail with exit code 2,
+    # a bad setting to a worker, and are tried again; the server does not stop.
+    with (server.data_dir / "worker-0" / "chatd.lock").open("a+") as lock:
+        os.kill(victim, signal.SIGKILL)
+        psutil.Process(victim).wait(5)  # its lock goes with it; the restart comes a pause later
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        await asyncio.sleep(3 * RESTART_PAUSE_S)
+        assert server.proc is not None and server.proc.poll() is None, server.stderr()
+    assert "data dir" in server.stderr() and "in use by another chatd" in server.stderr()
     deadline = time.monotonic() + 20
     while worker_pids(server).get(0) in (None, victim):
         assert time.monotonic() < deadline, server.stderr()
