@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import psutil
 
 from tests.harness import REPO_ROOT
 
@@ -143,6 +144,9 @@ class Chatd:
 
     def cleanup(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(psutil.Error):  # its workers (server.workers)
+                for child in psutil.Process(self.proc.pid).children(recursive=True):
+                    child.kill()
             self.proc.kill()
             self.proc.wait(10)
         for pid in valkey_pids_for(self.data_dir):  # started by our chatd, left behind

@@ -19,14 +19,13 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
 import psutil
 import pytest
 
-from tests.client import FAST_ENV, Api, connect
+from tests.client import Api, connect
 from tests.harness import free_port, release_port
 from tests.integration.cli_process import (
     PYTHON_M,
@@ -128,7 +127,10 @@ def test_unreachable_redis_one_line_at_log_level_error(tmp_path: Path) -> None:
     assert_one_problem_line(res, "Redis", f"127.0.0.1:{port}")
 
 
-def test_port_in_use_exits_2_and_stops_the_embedded_server(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_port_in_use_exits_2_and_stops_the_embedded_server(tmp_path: Path, workers: int) -> None:
+    """With workers too: the first starts alone, so one line names the problem, not one
+    line per worker."""
     data_dir = tmp_path / "data"
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -136,7 +138,8 @@ def test_port_in_use_exits_2_and_stops_the_embedded_server(tmp_path: Path) -> No
         port = busy.getsockname()[1]
         t0 = time.monotonic()
         res = run_cli(["--port", str(port), "--data-dir", str(data_dir)], tmp_path,
-                      {"CHATD_SERVER__SHUTDOWN_TIMEOUT_S": str(SHUTDOWN_S)},
+                      {"CHATD_SERVER__SHUTDOWN_TIMEOUT_S": str(SHUTDOWN_S),
+                       "CHATD_SERVER__WORKERS": str(workers)},
                       timeout=SHUTDOWN_S + 15)
         elapsed = time.monotonic() - t0
     assert res.returncode == 2, res.stderr
@@ -169,24 +172,6 @@ def test_console_script_is_installed() -> None:
 
 
 # --- the embedded default -------------------------------------------------------------------
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s:
-        yield s
-
-
-@pytest.fixture
-def chatd(tmp_path: Path) -> Iterator[Chatd]:
-    port = free_port()
-    server = Chatd(tmp_path, tmp_path / "data", port,
-                   {**FAST_ENV, "CHATD_SERVER__SHUTDOWN_TIMEOUT_S": str(SHUTDOWN_S)})
-    try:
-        yield server
-    finally:
-        server.cleanup()
-        release_port(port)
 
 
 async def stop_gracefully(chatd: Chatd) -> None:

@@ -12,9 +12,7 @@ import fcntl
 import os
 import shutil
 import signal
-import socket
 import time
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -22,13 +20,12 @@ import psutil
 import pytest
 
 from chatd.workers import RESTART_PAUSE_S
-from tests.client import FAST_ENV, Api, User, Ws, connect, metric
-from tests.harness import free_port, free_port_run, release_port
+from tests.client import Api, User, Ws, connect, metric
+from tests.harness import free_port_run, release_port
 from tests.integration.cli_process import (
     SHUTDOWN_S,
     Chatd,
     alive,
-    json_record,
     run_cli,
     valkey_pids_for,
 )
@@ -38,25 +35,9 @@ FILES = 128  # open files per process in the test that needs more connections th
 
 
 @pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s:
-        yield s
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[Chatd]:
-    port = free_port()
-    chatd = Chatd(tmp_path, tmp_path / "data", port,
-                  {**FAST_ENV, "CHATD_SERVER__SHUTDOWN_TIMEOUT_S": str(SHUTDOWN_S),
-                   "CHATD_SERVER__WORKERS": str(WORKERS)})
-    try:
-        yield chatd
-    finally:
-        for pid in worker_pids(chatd).values():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        chatd.cleanup()
-        release_port(port)
+def server(chatd: Chatd) -> Chatd:
+    chatd.env["CHATD_SERVER__WORKERS"] = str(WORKERS)
+    return chatd
 
 
 def worker_pids(chatd: Chatd) -> dict[int, int]:
@@ -242,22 +223,3 @@ def test_ops_ports_past_65535_are_refused_with_one_line(tmp_path: Path) -> None:
     assert res.returncode == 2, res.stderr
     assert res.stderr.strip() == ("chatd: server.ops_port: 2 workers take ports 65535 to "
                                   "65536, past 65535")
-
-
-def test_a_port_in_use_stops_the_server_with_one_line(tmp_path: Path) -> None:
-    data_dir = tmp_path / "data"
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        port = busy.getsockname()[1]
-        res = run_cli(["--port", str(port), "--data-dir", str(data_dir)], tmp_path,
-                      {"CHATD_SERVER__WORKERS": str(WORKERS),
-                       "CHATD_SERVER__SHUTDOWN_TIMEOUT_S": str(SHUTDOWN_S)},
-                      timeout=SHUTDOWN_S + 20)
-    assert res.returncode == 2, res.stderr
-    assert "Traceback" not in res.stderr
-    # The first worker starts alone: one line names the problem, not one per worker.
-    problems = [line for line in res.stderr.splitlines()
-                if line.strip() and json_record(line) is None]
-    assert problems == [f"chatd: cannot listen on 127.0.0.1:{port}: Address already in use"]
-    assert valkey_pids_for(data_dir) == set()
