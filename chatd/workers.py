@@ -12,7 +12,8 @@ A worker that fails to start stops the server with its exit code (2 for a bad
 setting); the first starts alone, so a setting that every worker would reject is
 reported once. Once all are up, a worker that dies is started again after a pause,
 whatever its exit code; meanwhile its clients reconnect to the others and resume.
-SIGTERM and SIGINT drain every worker at once, then stop Valkey.
+SIGTERM and SIGINT drain every worker at once, then stop Valkey. A killed supervisor's
+workers drain by themselves (PR_SET_PDEATHSIG), and the next supervisor waits for them.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from chatd import listen
 from chatd.config import EXIT_CONFIG, ConfigError, Settings
@@ -48,9 +50,13 @@ def worker_count(configured: int) -> int:
     return os.cpu_count() or 1
 
 
+def worker_data_path(settings: Settings, index: int) -> Path:
+    return settings.data_path / f"worker-{index}"
+
+
 def worker_flags(settings: Settings, index: int) -> list[str]:
     """What makes worker `index` a node of its own: after the server's own flags, these win."""
-    flags = ["--worker", str(index), "--data-dir", str(settings.data_path / f"worker-{index}")]
+    flags = ["--worker", str(index), "--data-dir", str(worker_data_path(settings, index))]
     if settings.server.node_id:
         flags += ["--node-id", f"{settings.server.node_id}-{index}"]
     return flags
@@ -136,6 +142,9 @@ async def supervise(settings: Settings, count: int, argv: Sequence[str]) -> int:
             stack.push_async_callback(embedded.stop)
             common += ["--redis-url", url]
         workers = [Worker(i, [*common, *worker_flags(settings, i)]) for i in range(count)]
+        for i in range(count):
+            await _wait_for_predecessor(worker_data_path(settings, i),
+                                        settings.server.shutdown_timeout_s + STOP_GRACE_S)
         stack.push_async_callback(_stop_all, workers,
                                   settings.server.shutdown_timeout_s + STOP_GRACE_S)
         for group in (workers[:1], workers[1:]):
@@ -153,6 +162,28 @@ async def supervise(settings: Settings, count: int, argv: Sequence[str]) -> int:
         await _watch(workers, embedded, stop, settings)
         log.info("draining")
         return 0
+
+
+async def _wait_for_predecessor(data_path: Path, timeout_s: float) -> None:
+    """Wait until no process holds a worker's data dir. When a supervisor is killed its
+    workers get SIGTERM (PR_SET_PDEATHSIG) and drain for up to shutdown_timeout_s,
+    each holding its dir: a supervisor started meanwhile (a service manager restarting
+    it at once) would see its first worker fail on "in use" and give up."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    waited = False
+    while True:
+        try:
+            claim_data_dir(data_path).close()
+            return
+        except ConfigError:
+            if loop.time() > deadline:
+                raise
+            if not waited:
+                log.info("waiting for the previous worker of this data dir to exit",
+                         extra={"data_dir": str(data_path)})
+                waited = True
+            await asyncio.sleep(_POLL_S / 5)
 
 
 async def _watch(workers: list[Worker], embedded: EmbeddedValkey | None, stop: asyncio.Event,

@@ -115,6 +115,10 @@ class Chatd:
     async def start(self, session: aiohttp.ClientSession, within_s: float = 20) -> float:
         """Spawn and wait for /readyz 200; the seconds it took."""
         self.spawn()
+        return await self.ready(session, within_s)
+
+    async def ready(self, session: aiohttp.ClientSession, within_s: float = 20) -> float:
+        """Wait for /readyz 200 of the running process; the seconds it took."""
         t0 = time.monotonic()
         while True:
             assert self.proc is not None

@@ -156,6 +156,31 @@ async def test_a_worker_that_dies_is_started_again_under_its_node_id(
     assert await server.wait_exit(SHUTDOWN_S + 5) == 0, server.stderr()
 
 
+async def test_a_server_started_while_the_killed_ones_workers_drain_waits_for_them(
+        server: Chatd, session: aiohttp.ClientSession) -> None:
+    """A service manager restarts a killed chatd at once, while its workers, told by
+    the kernel that their parent died, still drain and hold their data dirs."""
+    await server.start(session)
+    ids = await node_ids(server, session, WORKERS)
+    lingering = worker_pids(server)[0]
+    os.kill(lingering, signal.SIGSTOP)  # it drains only once continued
+    try:
+        server.signal(signal.SIGKILL)
+        assert await server.wait_exit(5) == -signal.SIGKILL
+        server.spawn()
+        await asyncio.sleep(3)  # its first worker would have failed on the data dir by now
+        assert server.proc is not None and server.proc.poll() is None, server.stderr()
+        os.kill(lingering, signal.SIGCONT)
+        psutil.Process(lingering).wait(SHUTDOWN_S + 5)
+        await server.ready(session)
+        assert await node_ids(server, session, WORKERS) == ids
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(lingering, signal.SIGKILL)
+    server.signal(signal.SIGTERM)
+    assert await server.wait_exit(SHUTDOWN_S + 5) == 0, server.stderr()
+
+
 async def test_workers_hold_more_connections_than_one_process_may_open(
         server: Chatd, session: aiohttp.ClientSession) -> None:
     """What workers are for beyond cores: each process caps itself under its own
