@@ -29,8 +29,10 @@ import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.peers.node_setup import SERVER_JS, node_binary
+from chatd import config
 from chatd.config import EmbeddedSettings
 from chatd.embedded import persistence_args
+from chatd.workers import worker_count
 
 LOOPBACK = "127.0.0.1"
 READY_LINE = b"chatd ready: "  # what chatd prints on stdout once it serves
@@ -67,6 +69,20 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((LOOPBACK, 0))
         return int(s.getsockname()[1])
+
+
+def free_port_run(count: int) -> int:
+    """The first of `count` consecutive ports free now."""
+    for _ in range(200):
+        base = free_port()
+        with contextlib.ExitStack() as held:
+            try:
+                for port in range(base + 1, base + count):
+                    held.enter_context(socket.socket()).bind((LOOPBACK, port))
+            except (OSError, OverflowError):
+                continue
+            return base
+    raise BenchError(f"found no {count} consecutive free ports")
 
 
 def valkey_server_binary() -> Path:
@@ -242,34 +258,46 @@ class Node:
     proc: Proc
     port: int
     node_id: str
+    ops_ports: list[int] = field(default_factory=list)  # of its workers (server.ops_port)
 
     @property
     def http_url(self) -> str:
         return f"http://{LOOPBACK}:{self.port}"
 
     @property
+    def metrics_urls(self) -> list[str]:
+        """Where each process of the node answers /metrics: behind a port that workers
+        share, a request reaches any one of them."""
+        return [f"http://{LOOPBACK}:{p}" for p in self.ops_ports] or [self.http_url]
+
+    @property
     def ws_url(self) -> str:
         return f"ws://{LOOPBACK}:{self.port}"
 
-    def full_collections(self) -> tuple[int, float, float]:
-        """A chatd node's full garbage collections so far, from its /metrics: (how
-        many, their total pause in seconds, the bucket bound the longest fits under)."""
-        with urllib.request.urlopen(self.http_url + "/metrics", timeout=10) as r:
-            text = r.read().decode()
-        count, total, longest = 0, 0.0, 0.0
-        for family in text_string_to_metric_families(text):
-            if family.name != "chatd_gc_full_pause_seconds":
-                continue
-            for sample in family.samples:
-                if sample.name.endswith("_count"):
-                    count = int(sample.value)
-                elif sample.name.endswith("_sum"):
-                    total = sample.value
-            # The lowest bound whose cumulative bucket holds every pause.
-            bounds = [float(x.labels["le"]) for x in family.samples
-                      if x.name.endswith("_bucket") and x.value >= count]
-            longest = min(bounds) if count else 0.0
-        return count, total, longest
+    def full_collections(self) -> list[tuple[int, float, float]]:
+        """A chatd node's full garbage collections so far, from the /metrics of each of
+        its processes: (how many, their total pause in seconds, the bucket bound the
+        longest fits under)."""
+        return [_full_collections(url) for url in self.metrics_urls]
+
+
+def _full_collections(url: str) -> tuple[int, float, float]:
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    count, total, longest = 0, 0.0, 0.0
+    for family in text_string_to_metric_families(text):
+        if family.name != "chatd_gc_full_pause_seconds":
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_count"):
+                count = int(sample.value)
+            elif sample.name.endswith("_sum"):
+                total = sample.value
+        # The lowest bound whose cumulative bucket holds every pause.
+        bounds = [float(x.labels["le"]) for x in family.samples
+                  if x.name.endswith("_bucket") and x.value >= count]
+        longest = min(bounds) if count else 0.0
+    return count, total, longest
 
 
 class Stack:
@@ -317,11 +345,22 @@ class Stack:
         return proc
 
     def start_chatd(self, count: int, env: Mapping[str, str]) -> list[Node]:
-        nodes = self._start_nodes("chatd", count, lambda port, node_id, data: [
-            sys.executable, "-m", "chatd", "--host", LOOPBACK, "--port", str(port),
-            "--node-id", node_id, "--redis-url", self.redis_url, "--data-dir", str(data),
-        ], env, "/readyz")
+        workers = worker_count(config.load(env={**os.environ, **env}).server.workers)
+        ops_ports: dict[str, list[int]] = {}
+
+        def argv(port: int, node_id: str, data: Path) -> list[str]:
+            ops: list[str] = []
+            if workers > 1:  # so that the bench can read each worker's /metrics
+                base = free_port_run(workers)
+                ops_ports[node_id] = list(range(base, base + workers))
+                ops = ["--ops-port", str(base)]
+            return [sys.executable, "-m", "chatd", "--host", LOOPBACK, "--port", str(port),
+                    "--node-id", node_id, "--redis-url", self.redis_url, "--data-dir", str(data),
+                    *ops]
+
+        nodes = self._start_nodes("chatd", count, argv, env, "/readyz")
         for node in nodes:
+            node.ops_ports = ops_ports.get(node.node_id, [])
             # /readyz answers once one worker listens (CHATD_SERVER__WORKERS); the
             # printed line comes once all of them do.
             _wait_log_line(node.proc, READY_LINE, timeout=30)

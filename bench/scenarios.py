@@ -534,7 +534,7 @@ def run_idle(opts: Options) -> ScenarioResult:
             _sleep_until(time.time() + max(opts.idle_window_s, opts.heartbeat_s), stack)
             d = _sample(stack, pool)
             status = d.status
-            collections = [node.full_collections() for node in stack.nodes]
+            collections = [c for node in stack.nodes for c in node.full_collections()]
         finally:
             pool.close()
             stack.stop_nodes()
@@ -573,14 +573,15 @@ def run_idle(opts: Options) -> ScenarioResult:
             # Full collections scan every tracked object: their pause grows with
             # the connections (chatd_gc_full_pause_seconds), here over the whole run.
             "full_gcs": full_gcs,
+            "full_gc_sources": len(collections),  # /metrics read: one per node, or per worker
             "full_gc_mean_ms": round(1000 * sum(total for _, total, _ in collections)
                                      / max(1, full_gcs), 1),
             "full_gc_longest_under_s": max(longest for _, _, longest in collections),
         }
         if result.summary["chatd"]["workers_per_node"] > 1:
-            result.notes.append("with workers, RSS and CPU are summed over the server's "
-                                "processes, open files are of the busiest one, and full_gcs "
-                                "are of the one worker that answered /metrics")
+            result.notes.append("with workers, RSS, CPU and full collections are summed over "
+                                "the server's processes (each worker's /metrics read on its "
+                                "ops port), and open files are of the busiest one")
         result.notes.append("heartbeat cost = server CPU with idle connections minus the "
                             "same window without connections, per WebSocket ping "
                             "(as many as the clients received in the window)")

@@ -39,6 +39,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--redis-url", help="'embedded' (default) or redis://, rediss://, unix:// URL")
     p.add_argument("--redis-cluster", help="HOST:PORT,... of a Redis/Valkey Cluster")
     p.add_argument("--data-dir", help="data directory (default ./data)")
+    p.add_argument("--ops-port", type=int,
+                   help="also serve /healthz, /readyz, /metrics here (worker N: + N)")
     p.add_argument("--workers", type=int,
                    help="processes serving the port, each a node (default 1; 0 = one per core)")
     # Set by the supervisor of server.workers > 1 (workers.py) for each worker it runs.
@@ -59,6 +61,7 @@ def settings_from(args: argparse.Namespace) -> config.Settings:
         "server.node_id": args.node_id,
         "server.data_dir": args.data_dir,
         "server.workers": args.workers,
+        "server.ops_port": args.ops_port,
         "redis.url": args.redis_url,
         "redis.cluster_nodes": cluster,
     })

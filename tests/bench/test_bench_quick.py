@@ -139,3 +139,23 @@ def test_rooms_repeats_half_of_saturation(tmp_path: Path) -> None:
     assert "chatd step 2 (half of saturation, 2 of 2): offered 30/s" in output
     for s in steps:
         assert s["lost"] == 0 and s["late"] == 0 and s["dups"] == 0, s
+
+
+@pytest.mark.timeout(RUN_TIMEOUT_S)
+def test_quick_idle_over_workers_reads_every_worker(tmp_path: Path) -> None:
+    """One chatd of two workers: every connection up, and the full collections read
+    from each worker's own /metrics (behind the shared port, any one would answer)."""
+    json_path = tmp_path / "results.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "run", "--scenario", "idle", "--quick", "--nodes", "1",
+         "--chatd-env", "CHATD_SERVER__WORKERS=2", "--results-dir", str(tmp_path),
+         "--json", str(json_path)],
+        cwd=REPO_ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
+        check=False)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    [result] = json.loads(json_path.read_text())
+    summary = result["summary"]["chatd"]
+    assert summary["workers_per_node"] == 2
+    assert summary["up_at_end"] == summary["connections"] == summary["connections_asked"]
+    assert summary["full_gc_sources"] == 2

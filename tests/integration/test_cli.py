@@ -161,7 +161,7 @@ def test_help(tmp_path: Path, command: list[str]) -> None:
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("usage: chatd")
     for flag in ("--config", "--host", "--port", "--node-id", "--redis-url", "--redis-cluster",
-                 "--data-dir", "--workers"):
+                 "--data-dir", "--workers", "--ops-port"):
         assert flag in res.stdout
     assert res.stderr == ""
 
