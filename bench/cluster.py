@@ -258,6 +258,7 @@ class Node:
     proc: Proc
     port: int
     node_id: str
+    workers: int = 1  # processes serving its port (chatd's server.workers)
     ops_ports: list[int] = field(default_factory=list)  # of its workers (server.ops_port)
 
     @property
@@ -360,6 +361,7 @@ class Stack:
 
         nodes = self._start_nodes("chatd", count, argv, env, "/readyz")
         for node in nodes:
+            node.workers = workers
             node.ops_ports = ops_ports.get(node.node_id, [])
             # /readyz answers once one worker listens (CHATD_SERVER__WORKERS); the
             # printed line comes once all of them do.

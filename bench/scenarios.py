@@ -43,7 +43,6 @@ from bench.report import ScenarioResult, StepResult
 from bench.stallprobe import StallProbe
 from bench.tracking import count_loss, merge_samples, percentile
 from chatd import config
-from chatd.workers import worker_count
 
 SCENARIOS = ("rooms", "direct", "fanout", "idle", "resume")
 PEER_SCENARIOS = ("rooms", "fanout")
@@ -535,6 +534,7 @@ def run_idle(opts: Options) -> ScenarioResult:
             d = _sample(stack, pool)
             status = d.status
             collections = [c for node in stack.nodes for c in node.full_collections()]
+            workers = stack.nodes[0].workers
         finally:
             pool.close()
             stack.stop_nodes()
@@ -546,8 +546,7 @@ def run_idle(opts: Options) -> ScenarioResult:
         pings = max(1, d.status["pings"] - c.status["pings"])
         result.summary["chatd"] = {
             "connections_asked": len(specs), "connections": n, "nodes": opts.nodes,
-            "workers_per_node": worker_count(
-                config.load(env={**os.environ, **chatd_env(opts)}).server.workers),
+            "workers_per_node": workers,
             "up_at_end": status["up"], "not_connected": connects.failed,
             "not_connected_because": connects.first_error,
             "connect_s": round(connects.seconds, 2),
@@ -578,7 +577,7 @@ def run_idle(opts: Options) -> ScenarioResult:
                                      / max(1, full_gcs), 1),
             "full_gc_longest_under_s": max(longest for _, _, longest in collections),
         }
-        if result.summary["chatd"]["workers_per_node"] > 1:
+        if workers > 1:
             result.notes.append("with workers, RSS, CPU and full collections are summed over "
                                 "the server's processes (each worker's /metrics read on its "
                                 "ops port), and open files are of the busiest one")
