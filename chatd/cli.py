@@ -19,7 +19,7 @@ from chatd import config, listen, logs, ops
 from chatd.app import create_app
 from chatd.config import EXIT_CONFIG
 from chatd.embedded import EmbeddedError
-from chatd.workers import supervise, worker_count
+from chatd.workers import report_alive, supervise, worker_count
 
 log = logging.getLogger("chatd")
 
@@ -89,6 +89,7 @@ async def serve(settings: config.Settings, *, worker: int | None = None) -> None
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    alive: asyncio.Task[None] | None = None
     try:
         await runner.setup()
         await _listen(runner, settings, settings.server.port, reuse_port=worker is not None)
@@ -105,12 +106,17 @@ async def serve(settings: config.Settings, *, worker: int | None = None) -> None
         log.info("chatd ready", extra={"url": url, "max_open_files": max_open_files})
         # stdout, so that stderr stays JSON lines for log collectors.
         print(f"chatd ready: web client on {url}", flush=True)
+        if worker is not None and settings.server.worker_timeout_s:
+            # Until the process ends: a worker drained on its own (SIGTERM to it) is watched too.
+            alive = asyncio.create_task(report_alive(settings.server.worker_timeout_s))
         await stop.wait()
         log.info("draining")
     finally:
         await runner.cleanup()
         if ops_runner is not None:  # last: /readyz says "draining" until the drain is done
             await ops_runner.cleanup()
+        if alive is not None:
+            alive.cancel()
 
 
 async def _listen(runner: web.AppRunner, settings: config.Settings, port: int, *,

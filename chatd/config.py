@@ -40,6 +40,7 @@ class ServerSettings:
     data_dir: str = _opt("./data")
     workers: int = _opt(1, lo=0, hi=256)
     ops_port: int = _opt(0, lo=0, hi=65535)
+    worker_timeout_s: float = _opt(30.0, lo=0, hi=3600)
     shutdown_timeout_s: float = _opt(10.0, lo=0.1, hi=3600)
     max_http_body_bytes: int = _opt(65536, lo=1024, hi=16 * 1024 * 1024)
     request_timeout_s: float = _opt(10.0, lo=0.1, hi=3600)

@@ -12,6 +12,9 @@ A worker that fails to start stops the server with its exit code (2 for a bad
 setting); the first starts alone, so a setting that every worker would reject is
 reported once. Once all are up, a worker that dies is started again after a pause,
 whatever its exit code; meanwhile its clients reconnect to the others and resume.
+A worker whose event loop stops turning (a deadlock, a stopped process) is killed once
+it has been silent for `server.worker_timeout_s`, and so started again: each writes a
+line to the supervisor's pipe every fifth of that from its loop (`report_alive`).
 SIGTERM and SIGINT drain every worker at once, then stop Valkey. A killed supervisor's
 workers drain by themselves (PR_SET_PDEATHSIG), and the next supervisor waits for them.
 """
@@ -39,6 +42,7 @@ RESTART_PAUSE_S = 1.0
 STOP_GRACE_S = 5.0  # past shutdown_timeout_s, before a draining worker is killed
 _POLL_S = 0.5
 _READY_LINE = b"chatd ready"  # what a worker prints once it listens (cli.serve)
+_ALIVE_LINE = b"chatd alive\n"
 
 
 def worker_count(configured: int) -> int:
@@ -71,6 +75,7 @@ class Worker:
         self.proc: asyncio.subprocess.Process | None = None
         self.ready = asyncio.Event()
         self.died_at: float | None = None
+        self.heard_at = 0.0  # when its last line came (monotonic)
         self._stdout: asyncio.Task[None] | None = None
 
     @property
@@ -80,7 +85,8 @@ class Worker:
     async def start(self) -> None:
         self.ready = asyncio.Event()
         self.died_at = None
-        # stderr (the logs) is shared; stdout only carries the ready line.
+        self.heard_at = time.monotonic()
+        # stderr (the logs) is shared; stdout carries the ready line, then the alive ones.
         self.proc = await asyncio.create_subprocess_exec(
             *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             preexec_fn=pdeathsig_preexec())
@@ -90,6 +96,9 @@ class Worker:
     async def _read_stdout(self, stream: asyncio.StreamReader | None) -> None:
         assert stream is not None
         async for line in stream:
+            # When read, on this process's clock: after the supervisor itself stood
+            # still (stopped, starved), what the workers wrote meanwhile counts as new.
+            self.heard_at = time.monotonic()
             if line.startswith(_READY_LINE):
                 self.ready.set()
 
@@ -104,6 +113,16 @@ class Worker:
             for w in waits:
                 w.cancel()
         return self.ready.is_set() and self.exit_code is None
+
+    def kill_if_silent(self, now: float, timeout_s: float) -> None:
+        """SIGKILL a live worker that said nothing for `timeout_s`: a hung one
+        cannot drain. The caller starts it again like any worker that died."""
+        if (self.proc is None or self.exit_code is not None or not self.ready.is_set()
+                or now - self.heard_at <= timeout_s):
+            return
+        log.warning("worker stopped answering; killed to start it again", extra={
+            "worker": self.index, "silent_s": round(now - self.heard_at, 1)})
+        self.proc.kill()
 
     async def stop(self, timeout_s: float) -> None:
         """SIGTERM (the worker drains), SIGKILL after `timeout_s`."""
@@ -191,6 +210,7 @@ async def _watch(workers: list[Worker], embedded: EmbeddedValkey | None, stop: a
     """Start again whatever dies, until `stop`. Once the server is up a worker's exit
     code is no reason to stop the others: even a restart that fails on a setting
     (Redis unreachable, exit 2) is retried, while they serve."""
+    silent_s = settings.server.worker_timeout_s
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), _POLL_S)
@@ -205,6 +225,8 @@ async def _watch(workers: list[Worker], embedded: EmbeddedValkey | None, stop: a
         for worker in workers:
             code = worker.exit_code
             if code is None:
+                if silent_s:
+                    worker.kill_if_silent(now, silent_s)
                 continue
             if worker.died_at is None:
                 worker.died_at = now
@@ -212,6 +234,19 @@ async def _watch(workers: list[Worker], embedded: EmbeddedValkey | None, stop: a
                             extra={"worker": worker.index, "code": code})
             elif now - worker.died_at >= RESTART_PAUSE_S:
                 await worker.start()
+
+
+async def report_alive(timeout_s: float) -> None:
+    """A worker's side: a line to the supervisor every fifth of `timeout_s`, written
+    from the event loop, so that they stop when it stops turning. Never blocking: a
+    supervisor that does not read (stopped) must not stop its workers with it."""
+    fd = sys.stdout.fileno()
+    os.set_blocking(fd, False)
+    while True:
+        # A line is under PIPE_BUF: written whole or not at all.
+        with contextlib.suppress(BlockingIOError, BrokenPipeError):
+            os.write(fd, _ALIVE_LINE)
+        await asyncio.sleep(timeout_s / 5)
 
 
 async def _stop_all(workers: list[Worker], timeout_s: float) -> None:

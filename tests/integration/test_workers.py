@@ -32,6 +32,7 @@ from tests.integration.cli_process import (
 
 WORKERS = 2
 FILES = 128  # open files per process in the test that needs more connections than that
+SILENT_S = 2.0  # server.worker_timeout_s in the tests of hung workers
 
 
 @pytest.fixture
@@ -152,6 +153,48 @@ async def test_a_worker_that_dies_is_started_again_under_its_node_id(
     assert [m["seq"] for m in await receiver.wait_messages(room, 1)] == [ack["seq"]]
     for ws in (sender, receiver):
         await ws.close()
+    server.signal(signal.SIGTERM)
+    assert await server.wait_exit(SHUTDOWN_S + 5) == 0, server.stderr()
+
+
+async def test_a_worker_that_stops_answering_is_killed_and_started_again(
+        server: Chatd, session: aiohttp.ClientSession) -> None:
+    """A hung worker holds its clients and its share of new connections: a process that
+    is alive is no proof that it serves. SIGSTOP stands in for a stuck event loop."""
+    server.env["CHATD_SERVER__WORKER_TIMEOUT_S"] = str(SILENT_S)
+    await server.start(session)
+    ids = await node_ids(server, session, WORKERS)
+    before = worker_pids(server)
+    os.kill(before[1], signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    deadline = stopped_at + SILENT_S + 20
+    while worker_pids(server).get(1) in (None, before[1]):
+        assert time.monotonic() < deadline, server.stderr()
+        await asyncio.sleep(0.05)
+    # Its last line may have come a beat (a fifth of the timeout) before the stop.
+    assert time.monotonic() - stopped_at >= SILENT_S * 4 / 5
+    assert not alive(before[1])
+    assert worker_pids(server)[0] == before[0]
+    assert "worker stopped answering" in server.stderr()
+    assert await node_ids(server, session, WORKERS) == ids
+    server.signal(signal.SIGTERM)
+    assert await server.wait_exit(SHUTDOWN_S + 5) == 0, server.stderr()
+
+
+async def test_workers_outlive_a_supervisor_that_stood_still(
+        server: Chatd, session: aiohttp.ClientSession) -> None:
+    """While the supervisor is stopped nobody reads the workers' lines: once it runs
+    again their silence is its own, not theirs."""
+    server.env["CHATD_SERVER__WORKER_TIMEOUT_S"] = str(SILENT_S)
+    await server.start(session)
+    await node_ids(server, session, WORKERS)
+    before = worker_pids(server)
+    server.signal(signal.SIGSTOP)
+    await asyncio.sleep(SILENT_S * 2)
+    server.signal(signal.SIGCONT)
+    await asyncio.sleep(SILENT_S + 1)  # long enough to judge them
+    assert worker_pids(server) == before, server.stderr()
+    assert "worker stopped answering" not in server.stderr()
     server.signal(signal.SIGTERM)
     assert await server.wait_exit(SHUTDOWN_S + 5) == 0, server.stderr()
 
