@@ -35,6 +35,8 @@ class StepResult:
     drained: bool
     saturated: str = ""  # why this step counts as saturated ("" = it kept up)
     wait_s: float = 0.0  # seconds the run's processes waited for a core (run queue), summed
+    machine_cpu: float = 0.0  # CPU-s of every process on the machine during the span
+    cores: int = 0  # the machine's, which share that CPU
     stalls: int = 0  # whole-machine stalls of 10 ms or more while the step sent (stallprobe.py)
     stall_ms: float = 0.0  # their total length
     p50_ms: float | None = None
@@ -56,6 +58,14 @@ class StepResult:
         return self.span_deliveries / self.server_cpu if self.server_cpu > 0 else math.nan
 
     @property
+    def machine_busy(self) -> float:
+        """The share of the machine's cores busy over the span, whoever used them: how
+        long a woken process may have to wait for one."""
+        if not self.cores or self.span_s <= 0:
+            return math.nan
+        return self.machine_cpu / (self.cores * self.span_s)
+
+    @property
     def server_cpu_per_1k(self) -> float:
         return 1000 * self.server_cpu / self.span_deliveries if self.span_deliveries else math.nan
 
@@ -66,6 +76,7 @@ class StepResult:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.update(deliv_per_server_cpu_s=self.deliv_per_server_cpu_s,
+                 machine_busy=self.machine_busy,
                  server_cpu_per_1k=self.server_cpu_per_1k,
                  redis_cpu_per_1k=self.redis_cpu_per_1k)
         return d
@@ -126,6 +137,7 @@ _RATES = [("system", 6), ("step", 4), ("offered/s", 9), ("sent/s", 9), ("deliv/s
           ("late", 5), ("dup", 4), ("failed", 6), ("saturated", 9)]
 _COSTS = [("system", 6), ("step", 4), ("deliv/srv-cpu-s", 15), ("srv cpu-s", 9),
           ("redis cpu-s", 11), ("cli cpu-s", 9), ("other cpu-s", 11), ("core wait s", 11),
+          ("busy %", 6),
           ("srv cpu-s/1k", 12),
           ("redis cpu-s/1k", 14), ("scripts/send", 12), ("cmds/send", 9)]
 
@@ -142,14 +154,16 @@ def steps_table(result: ScenarioResult) -> str:
                           "yes" if s.saturated else "no"])
             costs.append([system, str(s.step), _f(s.deliv_per_server_cpu_s, 0),
                           _f(s.server_cpu, 2), _f(s.redis_cpu, 2), _f(s.client_cpu, 2),
-                          _f(s.other_cpu, 2), _f(s.wait_s, 2), _f(s.server_cpu_per_1k, 3),
+                          _f(s.other_cpu, 2), _f(s.wait_s, 2), _f(100 * s.machine_busy, 0),
+                          _f(s.server_cpu_per_1k, 3),
                           _f(s.redis_cpu_per_1k, 3), _f(s.scripts_per_send, 2),
                           _f(s.cmds_per_send, 1)])
     return (_table(_RATES, rates) + "\n(stalls = times an idle probe thread woke 10 ms or "
             "more late while the step sent: how many / their total; bench/stallprobe.py)"
             "\n\nCPU (step start to end of its drain; other = "
             "processes outside this run; core wait = time the run's processes were "
-            "runnable but queued for a core)\n" + _table(_COSTS, costs))
+            "runnable but queued for a core; busy = CPU-s of every process over the cores' "
+            "seconds)\n" + _table(_COSTS, costs))
 
 
 def first_at_each_rate(steps: list[StepResult]) -> dict[float, StepResult]:
@@ -231,12 +245,17 @@ def targets(result: ScenarioResult) -> list[str]:
             # steps: one step's p99 moves by 2x and more from run to run on a busy VM.
             p99s = [s.p99_ms for s in above if s.offered == rate and s.p99_ms is not None]
             p99 = statistics.median(p99s) if p99s else None
+            # How full the machine already is there: on a small one, the tail is mostly
+            # processes waiting for a core (docs/performance.md).
+            busy = [s.machine_busy for s in above if s.offered == rate
+                    and not math.isnan(s.machine_busy)]
+            busy_text = f", machine {statistics.median(busy):.0%} busy" if busy else ""
             met = p99 is not None and p99 < P99_TARGET_MS
             which = (f"median p99 of {len(p99s)} steps ({', '.join(_f(v) for v in p99s)})"
                      if len(p99s) > 1 else "p99")
             out.append(f"p99 at half of saturation (< {P99_TARGET_MS:g} ms): saturated at "
                        f"{_f(saturated[0].offered, 0)} sends/s; at {_f(rate, 0)} sends/s "
-                       f"{which} {_f(p99)} ms: {'met' if met else 'NOT met'}")
+                       f"{which} {_f(p99)} ms{busy_text}: {'met' if met else 'NOT met'}")
     scripts = max(s.scripts_per_send for s in steps)
     out.append(f"script calls per send (1): at most {_f(scripts, 2)}: "
                f"{'met' if scripts <= 1.0 else 'NOT met'}")

@@ -9,14 +9,15 @@ from bench.report import ScenarioResult, StepResult, ratios, render, targets
 
 
 def step(system: str, offered: float, *, p99: float = 1.0, saturated: str = "",
-         cpu: float = 1.0, scripts: float = 1.0) -> StepResult:
+         cpu: float = 1.0, scripts: float = 1.0, machine_cpu: float = 0.0,
+         cores: int = 0) -> StepResult:
     fields: dict[str, Any] = dict(
         system=system, step=0, offered=offered, per_sender=offered / 1000,
         expected_delivered=offered * 10, sent_rate=offered, delivered_rate=offered * 10,
         acks_rate=offered, span_s=10.0, span_sends=int(offered * 10),
         span_deliveries=int(offered * 100), server_cpu=cpu, redis_cpu=0.1, client_cpu=0.1,
         other_cpu=0.0, scripts_per_send=scripts, cmds_per_send=14.0, drained=not saturated,
-        saturated=saturated, p99_ms=p99)
+        saturated=saturated, p99_ms=p99, machine_cpu=machine_cpu, cores=cores)
     return StepResult(**fields)
 
 
@@ -83,6 +84,22 @@ def test_a_rate_given_more_than_once_is_judged_by_its_median_step() -> None:
         "p99 at half of saturation (< 5 ms): saturated at 10,000 sends/s; at 5,000 sends/s "
         "median p99 of 3 steps (16.0, 4.0, 4.5) 4.5 ms: met")
 
+
+
+def test_the_p99_target_says_how_busy_the_machine_was_at_that_rate() -> None:
+    """Over a span of 10 s on 2 cores: 18.8, 19.2 and 19.6 CPU-s, their median 96%."""
+    result = rooms(step("chatd", 4000, p99=3.0, machine_cpu=12.0, cores=2),
+                   step("chatd", 7000, p99=20.0, machine_cpu=19.2, cores=2),
+                   step("chatd", 14000, saturated="behind", machine_cpu=20.0, cores=2),
+                   step("chatd", 7000, p99=9.0, machine_cpu=18.8, cores=2),
+                   step("chatd", 7000, p99=12.0, machine_cpu=19.6, cores=2))
+    assert targets(result)[0] == (
+        "p99 at half of saturation (< 5 ms): saturated at 14,000 sends/s; at 7,000 sends/s "
+        "median p99 of 3 steps (20.0, 9.0, 12.0) 12.0 ms, machine 96% busy: NOT met")
+    assert [f"{s.machine_busy:.2f}" for s in result.steps["chatd"]] == [
+        "0.60", "0.96", "1.00", "0.94", "0.98"]
+    costs = render(result).split("busy = ")[1]
+    assert " 60 " in costs and " 94 " in costs  # the "busy %" column
 
 
 def test_steps_at_half_of_saturation_after_the_series_are_judged_with_it() -> None:
