@@ -443,17 +443,24 @@ def environment() -> dict[str, str]:
 SCRIPT_COMMANDS = ("evalsha", "eval", "evalsha_ro", "eval_ro", "fcall", "fcall_ro")
 
 
-def redis_command_calls(port: int) -> dict[str, int]:
-    """``INFO commandstats`` as command -> calls (commands run inside scripts included)."""
+@dataclass(frozen=True)
+class ValkeyCounters:
+    calls: dict[str, int]  # INFO commandstats: command -> calls (those inside scripts included)
+    forks: int  # INFO stats total_forks: AOF rewrites and RDB saves started so far
+    forking: bool  # one of them runs now
+
+
+def valkey_counters(port: int) -> ValkeyCounters:
     import redis  # chatd's own dependency
 
     client = redis.Redis(host=LOOPBACK, port=port, socket_timeout=5)
     try:
-        stats = client.info("commandstats")
+        info = client.info("commandstats", "stats", "persistence")
     finally:
         client.close()
-    out: dict[str, int] = {}
-    for name, value in stats.items():
+    calls: dict[str, int] = {}
+    for name, value in info.items():
         if isinstance(value, dict) and "calls" in value:
-            out[str(name).removeprefix("cmdstat_").lower()] = int(value["calls"])
-    return out
+            calls[str(name).removeprefix("cmdstat_").lower()] = int(value["calls"])
+    return ValkeyCounters(calls, int(info["total_forks"]), bool(
+        info["aof_rewrite_in_progress"] or info["rdb_bgsave_in_progress"]))

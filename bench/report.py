@@ -39,6 +39,7 @@ class StepResult:
     cores: int = 0  # the machine's, which share that CPU
     stalls: int = 0  # whole-machine stalls of 10 ms or more while the step sent (stallprobe.py)
     stall_ms: float = 0.0  # their total length
+    forks: int = 0  # Valkey AOF rewrites and RDB saves that ran during the span (each a process)
     p50_ms: float | None = None
     p99_ms: float | None = None
     p999_ms: float | None = None
@@ -133,7 +134,7 @@ def _table(header: list[tuple[str, int]], rows: list[list[str]]) -> str:
 
 _RATES = [("system", 6), ("step", 4), ("offered/s", 9), ("sent/s", 9), ("deliv/s", 9),
           ("acks/s", 8), ("p50 ms", 7), ("p99 ms", 8), ("p999 ms", 8),
-          ("stalls", 9), ("lost", 6),
+          ("stalls", 9), ("forks", 5), ("lost", 6),
           ("late", 5), ("dup", 4), ("failed", 6), ("saturated", 9)]
 _COSTS = [("system", 6), ("step", 4), ("deliv/srv-cpu-s", 15), ("srv cpu-s", 9),
           ("redis cpu-s", 11), ("cli cpu-s", 9), ("other cpu-s", 11), ("core wait s", 11),
@@ -149,8 +150,8 @@ def steps_table(result: ScenarioResult) -> str:
         for s in steps:
             rates.append([system, str(s.step), _f(s.offered), _f(s.sent_rate),
                           _f(s.delivered_rate), _f(s.acks_rate), _f(s.p50_ms), _f(s.p99_ms),
-                          _f(s.p999_ms), f"{s.stalls}/{s.stall_ms:.0f}ms", str(s.lost),
-                          str(s.late), str(s.dups), str(s.failed),
+                          _f(s.p999_ms), f"{s.stalls}/{s.stall_ms:.0f}ms", str(s.forks),
+                          str(s.lost), str(s.late), str(s.dups), str(s.failed),
                           "yes" if s.saturated else "no"])
             costs.append([system, str(s.step), _f(s.deliv_per_server_cpu_s, 0),
                           _f(s.server_cpu, 2), _f(s.redis_cpu, 2), _f(s.client_cpu, 2),
@@ -159,7 +160,9 @@ def steps_table(result: ScenarioResult) -> str:
                           _f(s.redis_cpu_per_1k, 3), _f(s.scripts_per_send, 2),
                           _f(s.cmds_per_send, 1)])
     return (_table(_RATES, rates) + "\n(stalls = times an idle probe thread woke 10 ms or "
-            "more late while the step sent: how many / their total; bench/stallprobe.py)"
+            "more late while the step sent: how many / their total; bench/stallprobe.py; "
+            "forks = Valkey AOF rewrites or RDB saves running during the step, each a "
+            "process that takes a core meanwhile)"
             "\n\nCPU (step start to end of its drain; other = "
             "processes outside this run; core wait = time the run's processes were "
             "runnable but queued for a core; busy = CPU-s of every process over the cores' "

@@ -31,10 +31,11 @@ from bench.cluster import (
     SCRIPT_COMMANDS,
     BenchError,
     Stack,
+    ValkeyCounters,
     cpu_seconds,
     environment,
-    redis_command_calls,
     run_queue_wait_s,
+    valkey_counters,
 )
 from bench.loadgen import WorkerPool, files_for_connections
 from bench.peers import node_setup
@@ -146,8 +147,17 @@ class Sample:
     machine: float  # CPU-s of every process on the machine (kernel threads included)
     wait: float  # run-queue wait of the run's servers, Redis and clients (runnable, no core)
     bench: float  # this orchestrating process
-    calls: dict[str, int]
+    valkey: ValkeyCounters
     status: dict[str, int]
+
+    @property
+    def calls(self) -> dict[str, int]:
+        return self.valkey.calls
+
+    def forks_since(self, before: Sample) -> int:
+        """Valkey's forks (AOF rewrite, RDB save) that ran since `before`: those started
+        since, and one that was running then."""
+        return self.valkey.forks - before.valkey.forks + before.valkey.forking
 
     def others(self, before: Sample) -> float:
         """CPU-s used meanwhile by processes that are not part of the run (noise)."""
@@ -180,7 +190,7 @@ def _sample(stack: Stack, pool: WorkerPool, with_status: bool = True) -> Sample:
     return Sample(time.time(), sum(n.proc.cpu() for n in stack.nodes), stack.valkey.cpu(),
                   pool.cpu(), _machine_busy(), sum(map(run_queue_wait_s, pids)),
                   cpu_seconds(_ME),
-                  redis_command_calls(stack.valkey_port), status)
+                  valkey_counters(stack.valkey_port), status)
 
 
 def _sleep_until(t: float, stack: Stack) -> None:
@@ -279,6 +289,7 @@ def _run_steps(opts: Options, stack: Stack, pool: WorkerPool, specs: list[ConnSp
                 client_cpu=s1.clients - s0.clients, other_cpu=s1.others(s0),
                 wait_s=s1.wait - s0.wait, machine_cpu=s1.machine - s0.machine,
                 cores=os.cpu_count() or 1, stalls=stalls, stall_ms=stall_ms,
+                forks=s1.forks_since(s0),
                 scripts_per_send=scripts / sends if sends else 0.0,
                 cmds_per_send=cmds / sends if sends else 0.0,
                 drained=drained, p99_ms=_ms(percentile(lat, 0.99)),
