@@ -14,7 +14,8 @@ reported once. Once all are up, a worker that dies is started again after a paus
 whatever its exit code; meanwhile its clients reconnect to the others and resume.
 A worker whose event loop stops turning (a deadlock, a stopped process) is killed once
 it has been silent for `server.worker_timeout_s`, and so started again: each writes a
-line to the supervisor's pipe every fifth of that from its loop (`report_alive`).
+line to the supervisor's pipe every fifth of that from its loop (`report_alive`). One
+that is not up `redis.startup_timeout_s` later than that after its start is killed too.
 SIGTERM and SIGINT drain every worker at once, then stop Valkey. A killed supervisor's
 workers drain by themselves (PR_SET_PDEATHSIG), and the next supervisor waits for them.
 """
@@ -69,9 +70,11 @@ def worker_flags(settings: Settings, index: int) -> list[str]:
 class Worker:
     """One worker process, started again as often as it dies."""
 
-    def __init__(self, index: int, argv: list[str]) -> None:
+    def __init__(self, index: int, argv: list[str], silent_s: float, startup_s: float) -> None:
         self.index = index
         self.argv = argv
+        self.silent_s = silent_s  # server.worker_timeout_s; 0 = never judged
+        self.startup_s = startup_s  # what a start may take besides: the wait for Redis
         self.proc: asyncio.subprocess.Process | None = None
         self.ready = asyncio.Event()
         self.died_at: float | None = None
@@ -103,25 +106,30 @@ class Worker:
                 self.ready.set()
 
     async def until_ready(self, stop: asyncio.Event) -> bool:
-        """Wait until the worker listens (True), exits or the server stops (False)."""
+        """Wait until the worker listens (True), exits, hangs or the server stops (False)."""
         assert self.proc is not None
         waits = [asyncio.ensure_future(w) for w in (self.ready.wait(), self.proc.wait(),
                                                     stop.wait())]
         try:
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            while not (await asyncio.wait(waits, timeout=_POLL_S,
+                                          return_when=asyncio.FIRST_COMPLETED))[0]:
+                self.kill_if_silent(time.monotonic())
         finally:
             for w in waits:
                 w.cancel()
         return self.ready.is_set() and self.exit_code is None
 
-    def kill_if_silent(self, now: float, timeout_s: float) -> None:
-        """SIGKILL a live worker that said nothing for `timeout_s`: a hung one
-        cannot drain. The caller starts it again like any worker that died."""
-        if (self.proc is None or self.exit_code is not None or not self.ready.is_set()
-                or now - self.heard_at <= timeout_s):
+    def kill_if_silent(self, now: float) -> None:
+        """SIGKILL a live worker that said nothing for `silent_s` once up, or is not up
+        `startup_s + silent_s` after its start: a hung one cannot drain. Whoever
+        waits for it then sees it die."""
+        if not self.silent_s or self.proc is None or self.exit_code is not None:
             return
-        log.warning("worker stopped answering; killed to start it again", extra={
-            "worker": self.index, "silent_s": round(now - self.heard_at, 1)})
+        up = self.ready.is_set()
+        if now - self.heard_at <= self.silent_s + (0 if up else self.startup_s):
+            return
+        log.warning("worker stopped answering; killed" if up else "worker did not start; killed",
+                    extra={"worker": self.index, "silent_s": round(now - self.heard_at, 1)})
         self.proc.kill()
 
     async def stop(self, timeout_s: float) -> None:
@@ -160,7 +168,9 @@ async def supervise(settings: Settings, count: int, argv: Sequence[str]) -> int:
             url = await embedded.start(timeout_s=settings.redis.startup_timeout_s)
             stack.push_async_callback(embedded.stop)
             common += ["--redis-url", url]
-        workers = [Worker(i, [*common, *worker_flags(settings, i)]) for i in range(count)]
+        workers = [Worker(i, [*common, *worker_flags(settings, i)],
+                          settings.server.worker_timeout_s, settings.redis.startup_timeout_s)
+                   for i in range(count)]
         for i in range(count):
             await _wait_for_predecessor(worker_data_path(settings, i),
                                         settings.server.shutdown_timeout_s + STOP_GRACE_S)
@@ -210,7 +220,6 @@ async def _watch(workers: list[Worker], embedded: EmbeddedValkey | None, stop: a
     """Start again whatever dies, until `stop`. Once the server is up a worker's exit
     code is no reason to stop the others: even a restart that fails on a setting
     (Redis unreachable, exit 2) is retried, while they serve."""
-    silent_s = settings.server.worker_timeout_s
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), _POLL_S)
@@ -225,8 +234,7 @@ async def _watch(workers: list[Worker], embedded: EmbeddedValkey | None, stop: a
         for worker in workers:
             code = worker.exit_code
             if code is None:
-                if silent_s:
-                    worker.kill_if_silent(now, silent_s)
+                worker.kill_if_silent(now)
                 continue
             if worker.died_at is None:
                 worker.died_at = now

@@ -33,6 +33,7 @@ from tests.integration.cli_process import (
 WORKERS = 2
 FILES = 128  # open files per process in the test that needs more connections than that
 SILENT_S = 2.0  # server.worker_timeout_s in the tests of hung workers
+STARTUP_S = 3.0  # redis.startup_timeout_s there: what a start may take besides
 
 
 @pytest.fixture
@@ -179,6 +180,50 @@ async def test_a_worker_that_stops_answering_is_killed_and_started_again(
     assert await node_ids(server, session, WORKERS) == ids
     server.signal(signal.SIGTERM)
     assert await server.wait_exit(SHUTDOWN_S + 5) == 0, server.stderr()
+
+
+async def stop_on_arrival(server: Chatd, index: int, not_pid: int | None = None) -> int:
+    """SIGSTOP worker `index` as soon as it runs (a new one, when `not_pid` is given):
+    long before it can be up, as a worker that hangs while it starts."""
+    deadline = time.monotonic() + 20
+    while (pid := worker_pids(server).get(index)) in (None, not_pid):
+        assert time.monotonic() < deadline, server.stderr()
+        await asyncio.sleep(0.005)
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    return pid
+
+
+async def test_a_worker_that_hangs_while_it_starts_again_is_killed_and_started_again(
+        server: Chatd, session: aiohttp.ClientSession) -> None:
+    server.env["CHATD_SERVER__WORKER_TIMEOUT_S"] = str(SILENT_S)
+    server.env["CHATD_REDIS__STARTUP_TIMEOUT_S"] = str(STARTUP_S)
+    await server.start(session)
+    ids = await node_ids(server, session, WORKERS)
+    first = worker_pids(server)[1]
+    os.kill(first, signal.SIGKILL)
+    hung = await stop_on_arrival(server, 1, not_pid=first)
+    deadline = time.monotonic() + SILENT_S + STARTUP_S + 20
+    while worker_pids(server).get(1) in (None, hung):
+        assert time.monotonic() < deadline, server.stderr()
+        await asyncio.sleep(0.05)
+    assert not alive(hung)
+    assert "worker did not start; killed" in server.stderr()
+    assert await node_ids(server, session, WORKERS) == ids
+    server.signal(signal.SIGTERM)
+    assert await server.wait_exit(SHUTDOWN_S + 5) == 0, server.stderr()
+
+
+async def test_a_server_whose_first_worker_hangs_while_it_starts_exits(server: Chatd) -> None:
+    """At startup there is no server yet to keep serving: it stops, and says why."""
+    server.env["CHATD_SERVER__WORKER_TIMEOUT_S"] = str(SILENT_S)
+    server.env["CHATD_REDIS__STARTUP_TIMEOUT_S"] = str(STARTUP_S)
+    server.spawn()
+    hung = await stop_on_arrival(server, 0)
+    assert await server.wait_exit(SILENT_S + STARTUP_S + 20) == 1, server.stderr()
+    assert not alive(hung)
+    assert "worker did not start; killed" in server.stderr()
+    assert valkey_pids_for(server.data_dir) == set()
 
 
 async def test_workers_outlive_a_supervisor_that_stood_still(
