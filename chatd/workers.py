@@ -249,9 +249,13 @@ async def report_alive(timeout_s: float) -> None:
     from the event loop, so that they stop when it stops turning. Never blocking: a
     supervisor that does not read (stopped) must not stop its workers with it."""
     fd = sys.stdout.fileno()
+    # Never to a terminal: made non-blocking, it stays so for the shell and all else
+    # that shares it (`--worker` run by hand). The supervisor's is a pipe or socket.
+    if os.isatty(fd):
+        return
     os.set_blocking(fd, False)
     while True:
-        # A line is under PIPE_BUF: written whole or not at all.
+        # A line cut short by a full socket ends with the next one: any line counts.
         with contextlib.suppress(BlockingIOError, BrokenPipeError):
             os.write(fd, _ALIVE_LINE)
         await asyncio.sleep(timeout_s / 5)
