@@ -150,10 +150,6 @@ class Sample:
     valkey: ValkeyCounters
     status: dict[str, int]
 
-    @property
-    def calls(self) -> dict[str, int]:
-        return self.valkey.calls
-
     def forks_since(self, before: Sample) -> int:
         """Valkey's forks (AOF rewrite, RDB save) that ran since `before`: those started
         since, and one that was running then."""
@@ -234,7 +230,7 @@ def _ms(us: float | None) -> float | None:
 
 
 def _scripts(s: Sample) -> int:
-    return sum(s.calls.get(c, 0) for c in SCRIPT_COMMANDS)
+    return sum(s.valkey.calls.get(c, 0) for c in SCRIPT_COMMANDS)
 
 
 def _background_scripts_per_s(stack: Stack, pool: WorkerPool, seconds: float) -> float:
@@ -274,7 +270,7 @@ def _run_steps(opts: Options, stack: Stack, pool: WorkerPool, specs: list[ConnSp
                 b.update(w["end"])
             sends = s1.status["sent"] - s0.status["sent"]
             scripts = max(0.0, _scripts(s1) - _scripts(s0) - background * (s1.t - s0.t))
-            cmds = sum(s1.calls.values()) - sum(s0.calls.values())
+            cmds = sum(s1.valkey.calls.values()) - sum(s0.valkey.calls.values())
             lat = sorted(x for part in pool.call("latency", i) for x in part)
             stalls, stall_ms = probe.between(t0, t0 + opts.duration)
             step = StepResult(
@@ -649,7 +645,7 @@ def run_resume(opts: Options) -> ScenarioResult:
             "client_cpu_s": round(s1.clients - s0.clients, 3),
             "other_cpu_s": round(s1.others(s0), 3),
             "server_cpu_s_per_1k_replayed": round(1000 * (s1.server - s0.server) / replayed, 4),
-            "redis_cmds": sum(s1.calls.values()) - sum(s0.calls.values()),
+            "redis_cmds": sum(s1.valkey.calls.values()) - sum(s0.valkey.calls.values()),
             "connect_failed": sum(c["connect_failed"] for c in caught),
             "connect_retries": sum(c["connect_retries"] for c in caught),
             "connect_errors": _merged_counts(c["connect_errors"] for c in caught),
