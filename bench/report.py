@@ -220,6 +220,40 @@ IDLE_CONNS_TARGET = 50_000  # idle connections on one node ...
 IDLE_KIB_TARGET = 20.0  # ... at this RSS each at most
 
 
+PEER_NAMES = {"sio": "python-socketio", "node": "Node socket.io"}
+
+
+def _p99_at_half(steps: list[StepResult], who: str) -> tuple[str, float | None]:
+    """p99 at half of this system's saturation, as a sentence and a figure (None: not
+    measured, the sentence says why)."""
+    saturated = [s for s in steps if s.saturated]
+    if not saturated:
+        return (f"not measured, {who} kept up to {_f(max(s.offered for s in steps), 0)} "
+                "sends/s; offer more with --rates"), None
+    # Saturation lies between the last step that kept up and the first that did
+    # not; judged at the first step from half the latter on, so never below half.
+    half = saturated[0].offered / 2
+    above = [s for s in steps if s.offered >= half and not s.saturated]
+    if not above:
+        return (f"not measured, no step that kept up at {_f(half, 0)} sends/s or more; "
+                "add one to --rates"), None
+    rate = min(s.offered for s in above)
+    # A rate run more than once (in --rates, or the steps at half of saturation) is
+    # judged by the median of its steps: one step's p99 moves by 2x and more from run
+    # to run on a busy VM.
+    p99s = [s.p99_ms for s in above if s.offered == rate and s.p99_ms is not None]
+    p99 = statistics.median(p99s) if p99s else None
+    # How full the machine already is there: on a small one, the tail is mostly
+    # processes waiting for a core (docs/performance.md).
+    busy = [s.machine_busy for s in above if s.offered == rate
+            and not math.isnan(s.machine_busy)]
+    busy_text = f", machine {statistics.median(busy):.0%} busy" if busy else ""
+    which = (f"median p99 of {len(p99s)} steps ({', '.join(_f(v) for v in p99s)})"
+             if len(p99s) > 1 else "p99")
+    return (f"saturated at {_f(saturated[0].offered, 0)} sends/s; at {_f(rate, 0)} sends/s "
+            f"{which} {_f(p99)} ms{busy_text}"), p99
+
+
 def targets(result: ScenarioResult) -> list[str]:
     """The targets of the rooms and idle scenarios, each with the figure from this run
     and met or not."""
@@ -228,37 +262,15 @@ def targets(result: ScenarioResult) -> list[str]:
     steps = result.steps.get("chatd", [])
     if result.scenario != "rooms" or not steps:
         return []
-    out = []
-    saturated = [s for s in steps if s.saturated]
-    if not saturated:
-        out.append(f"p99 at half of saturation (< {P99_TARGET_MS:g} ms): not measured, chatd "
-                   f"kept up to {_f(max(s.offered for s in steps), 0)} sends/s; offer more "
-                   "with --rates")
-    else:
-        # Saturation lies between the last step that kept up and the first that did
-        # not; judged at the first step from half the latter on, so never below half.
-        half = saturated[0].offered / 2
-        above = [s for s in steps if s.offered >= half and not s.saturated]
-        if not above:
-            out.append(f"p99 at half of saturation (< {P99_TARGET_MS:g} ms): not measured, no "
-                       f"step that kept up at {_f(half, 0)} sends/s or more; add one to --rates")
-        else:
-            rate = min(s.offered for s in above)
-            # A rate given more than once in --rates is judged by the median of its
-            # steps: one step's p99 moves by 2x and more from run to run on a busy VM.
-            p99s = [s.p99_ms for s in above if s.offered == rate and s.p99_ms is not None]
-            p99 = statistics.median(p99s) if p99s else None
-            # How full the machine already is there: on a small one, the tail is mostly
-            # processes waiting for a core (docs/performance.md).
-            busy = [s.machine_busy for s in above if s.offered == rate
-                    and not math.isnan(s.machine_busy)]
-            busy_text = f", machine {statistics.median(busy):.0%} busy" if busy else ""
-            met = p99 is not None and p99 < P99_TARGET_MS
-            which = (f"median p99 of {len(p99s)} steps ({', '.join(_f(v) for v in p99s)})"
-                     if len(p99s) > 1 else "p99")
-            out.append(f"p99 at half of saturation (< {P99_TARGET_MS:g} ms): saturated at "
-                       f"{_f(saturated[0].offered, 0)} sends/s; at {_f(rate, 0)} sends/s "
-                       f"{which} {_f(p99)} ms{busy_text}: {'met' if met else 'NOT met'}")
+    text, p99 = _p99_at_half(steps, "chatd")
+    verdict = "" if p99 is None else f": {'met' if p99 < P99_TARGET_MS else 'NOT met'}"
+    out = [f"p99 at half of saturation (< {P99_TARGET_MS:g} ms): {text}{verdict}"]
+    # The same measure for each peer, at half of its own saturation: how much of the
+    # tail the machine gives any chat server at that point of its curve.
+    for system, name in PEER_NAMES.items():
+        if result.steps.get(system):
+            out.append(f"  {name} at half of its own saturation, for comparison: "
+                       f"{_p99_at_half(result.steps[system], name)[0]}")
     scripts = max(s.scripts_per_send for s in steps)
     out.append(f"script calls per send (1): at most {_f(scripts, 2)}: "
                f"{'met' if scripts <= 1.0 else 'NOT met'}")

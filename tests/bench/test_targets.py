@@ -64,9 +64,29 @@ def test_the_peer_ratio_counts_only_steps_where_the_peer_kept_up() -> None:
                    step("chatd", 2000, cpu=2.0),
                    step("sio", 500, cpu=2.5), step("sio", 1000, cpu=1.9),
                    step("sio", 2000, cpu=20.0, saturated="behind"))
-    assert targets(result)[2] == (
+    assert targets(result)[-1] == (
         "chatd / python-socketio deliveries per server CPU-s (>= 2x) where python-socketio "
         "keeps up: median 2.20x over 2 steps: met")
+
+
+def test_each_peer_s_p99_at_half_of_its_own_saturation_is_given_for_comparison() -> None:
+    """Judged like chatd's, but not a target: a peer that saturates at 10,000 sends/s
+    is read at its first step from 5,000 on; one that kept up says so."""
+    result = rooms(step("chatd", 4000, p99=3.0), step("chatd", 14000, saturated="behind"),
+                   step("chatd", 7000, p99=8.0, machine_cpu=19.0, cores=2),
+                   step("node", 4000, p99=30.0), step("node", 6000, p99=35.3,
+                                                      machine_cpu=18.6, cores=2),
+                   step("node", 10000, p99=1100.0, saturated="p99 > 1000 ms"),
+                   step("sio", 500, p99=3.0), step("sio", 1000, p99=4.4))
+    lines = targets(result)
+    assert lines[:3] == [
+        "p99 at half of saturation (< 5 ms): saturated at 14,000 sends/s; at 7,000 sends/s "
+        "p99 8.0 ms, machine 95% busy: NOT met",
+        "  python-socketio at half of its own saturation, for comparison: not measured, "
+        "python-socketio kept up to 1,000 sends/s; offer more with --rates",
+        "  Node socket.io at half of its own saturation, for comparison: saturated at 10,000 "
+        "sends/s; at 6,000 sends/s p99 35.3 ms, machine 93% busy"]
+    assert "\n    Node socket.io at half" in render(result)
 
 
 def test_other_scenarios_have_no_targets_block() -> None:
