@@ -22,7 +22,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # Sizes per scenario: (full run, --quick). Flags override either.
 DEFAULTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "rooms": ({"rooms": 100, "members": 10,
-               "rates": [500, 1000, 2000, 3000, 4000, 6000, 8000, 10000, 12000, 14000]},
+               "rates": [500, 1000, 1500, 2000, 3000, 4000, 6000, 8000, 10000, 12000, 14000]},
               {"rooms": 10, "members": 5, "rates": [100]}),
     "direct": ({"pairs": 500, "rates": [500, 1000, 2000, 3000, 4000, 6000]},
                {"pairs": 20, "rates": [80]}),
