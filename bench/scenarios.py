@@ -155,6 +155,10 @@ class Sample:
         since, and one that was running then."""
         return self.valkey.forks - before.valkey.forks + before.valkey.forking
 
+    def commands_since(self, before: Sample) -> int:
+        """Commands Valkey ran since `before`, those inside scripts included."""
+        return sum(self.valkey.calls.values()) - sum(before.valkey.calls.values())
+
     def others(self, before: Sample) -> float:
         """CPU-s used meanwhile by processes that are not part of the run (noise)."""
         ours = (self.server + self.redis + self.clients + self.bench
@@ -270,7 +274,6 @@ def _run_steps(opts: Options, stack: Stack, pool: WorkerPool, specs: list[ConnSp
                 b.update(w["end"])
             sends = s1.status["sent"] - s0.status["sent"]
             scripts = max(0.0, _scripts(s1) - _scripts(s0) - background * (s1.t - s0.t))
-            cmds = sum(s1.valkey.calls.values()) - sum(s0.valkey.calls.values())
             lat = sorted(x for part in pool.call("latency", i) for x in part)
             stalls, stall_ms = probe.between(t0, t0 + opts.duration)
             step = StepResult(
@@ -287,7 +290,7 @@ def _run_steps(opts: Options, stack: Stack, pool: WorkerPool, specs: list[ConnSp
                 cores=os.cpu_count() or 1, stalls=stalls, stall_ms=stall_ms,
                 forks=s1.forks_since(s0),
                 scripts_per_send=scripts / sends if sends else 0.0,
-                cmds_per_send=cmds / sends if sends else 0.0,
+                cmds_per_send=s1.commands_since(s0) / sends if sends else 0.0,
                 drained=drained, p99_ms=_ms(percentile(lat, 0.99)),
                 failed=s1.status["failed"] - s0.status["failed"],
                 errors=_delta(s0.status, s1.status, "error:"),
@@ -645,7 +648,7 @@ def run_resume(opts: Options) -> ScenarioResult:
             "client_cpu_s": round(s1.clients - s0.clients, 3),
             "other_cpu_s": round(s1.others(s0), 3),
             "server_cpu_s_per_1k_replayed": round(1000 * (s1.server - s0.server) / replayed, 4),
-            "redis_cmds": sum(s1.valkey.calls.values()) - sum(s0.valkey.calls.values()),
+            "redis_cmds": s1.commands_since(s0),
             "connect_failed": sum(c["connect_failed"] for c in caught),
             "connect_retries": sum(c["connect_retries"] for c in caught),
             "connect_errors": _merged_counts(c["connect_errors"] for c in caught),
